@@ -71,3 +71,7 @@ class MobileNetV2(nn.Module):
     def forward(self, x):
         x = self.head(self.blocks(self.stem(x)))
         return self.fc(self.dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+    def gate_sites(self) -> list[nn.Module]:
+        """The expansion conv of every expanding block is gated after its ReLU6."""
+        return [b.expand for b in self.blocks if b.expand is not None]

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pas.arch import RepVGGArch
+from pas.errors import PasError
 from pas.models.layers import ConvAct, GateSite
 from pas.reparam import fold_bn, fused_conv, identity_kernel, pad_to
 
@@ -72,6 +73,14 @@ class RepVGG(nn.Module):
     def forward(self, x):
         x = self.blocks(x)
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def gate_sites(self) -> list[nn.Module]:
+        """Every block (stem and last included) is gated after its ReLU."""
+        grouped = [i for i, g in enumerate(self.arch.groups) if g > 1]
+        if grouped:
+            raise PasError(f"layers {grouped} are grouped convs, which cannot take arbitrary widths; "
+                           f"search a dense RepVGG member instead")
+        return list(self.blocks)
 
 
 def repvgg_arch(*, a: float, b: float, blocks: tuple[int, ...], base: tuple[int, ...] = (64, 64, 128, 256, 512),

@@ -1,0 +1,164 @@
+"""PaS: the gate's estimator, gated MACs, compaction, targets, baselines, a real short search."""
+import pytest
+import torch
+
+import pas.models as M
+from pas.compact import compact
+from pas.errors import PasError
+from pas.flops import ptflops_macs
+from pas.gates import DBCGate, attach_gates, freeze_gates, gated_macs, gates_of, kept_widths, set_masks
+from pas.pruners import prune
+from pas.search import MacsPenalty, adjust_masks, resolve_target
+from tests.helpers import randomize_bn, rel_err
+
+SMALL = {"in_channels": 1, "resolution": 28, "num_classes": 10}
+SEARCHABLE = ["repvgg_a0_mini", "repvgg_b1_mini", "mobilenetv2_mini", "repvgg_a0", "mobilenetv2_050"]
+
+
+def kwargs(name):
+    return SMALL if name.endswith("_mini") else {"in_channels": 3, "resolution": 40, "num_classes": 10}
+
+
+def random_masks(model, p=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for w in model.arch.searchable_widths():
+        m = torch.rand(w, generator=g) < p
+        m[torch.randint(w, (1,), generator=g)] = True
+        out.append(m)
+    return out
+
+
+def test_estimator_gradient_is_identity_and_a_pruned_gate_revives():
+    gate = DBCGate(4)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([1.0, 0.6, 0.4, -0.3]))
+    x = torch.ones(1, 4, 1, 1)
+    y = gate(x)
+    assert y.flatten().tolist() == [1.0, 1.0, 0.0, 0.0]
+    upstream = torch.tensor([0.3, -2.0, -5.0, 7.0]).view(1, 4, 1, 1)
+    (y * upstream).sum().backward()
+    assert torch.equal(gate.weight.grad, upstream.flatten())  # dL/dv = dL/db, no clipping window
+    opt = torch.optim.SGD([gate.weight], lr=0.1)
+    opt.step()  # v = 0.4 - 0.1 * (-5) = 0.9: the pruned channel comes back
+    assert gate.mask().tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_min_channels_keeps_the_strongest_and_weight_decay_applies():
+    gate = DBCGate(5, min_channels=2)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([0.1, 0.45, -1.0, 0.3, 0.2]))
+    assert gate.mask().tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    opt = torch.optim.SGD([gate.weight], lr=1.0, weight_decay=0.5)
+    gate.weight.grad = torch.zeros(5)
+    opt.step()
+    assert gate.weight[1].item() == pytest.approx(0.225)
+
+
+def test_gates_on_every_block_and_every_expansion():
+    rep = M.build("repvgg_b1")
+    assert len(attach_gates(rep)) == 28
+    mb = M.build("mobilenetv2_100")
+    assert [g.weight.numel() for g in attach_gates(mb)] == mb.arch.searchable_widths()
+    assert len(gates_of(mb)) == 16  # every block but the first, which has no expansion
+    with pytest.raises(PasError, match="grouped convs"):
+        attach_gates(M.build("repvgg_b1g2"))
+
+
+@pytest.mark.parametrize("name", SEARCHABLE)
+def test_compact_equals_masked_and_macs_agree_three_ways(name):
+    kw = kwargs(name)
+    model = randomize_bn(M.build(name, **kw)).eval()
+    masks = random_masks(model)
+    set_masks(model, masks)
+    x = torch.randn(2, kw["in_channels"], kw["resolution"], kw["resolution"])
+    small = compact(model).eval()
+    with torch.no_grad():
+        assert rel_err(model(x), small(x)) <= 1e-4
+    assert small.arch.searchable_widths() == [int(m.sum()) for m in masks]
+    assert int(gated_macs(model)) == small.arch.macs() == ptflops_macs(small, kw["in_channels"], kw["resolution"])
+
+
+def test_gated_macs_is_differentiable_through_both_factors():
+    model = M.build("repvgg_a0_mini", **SMALL)
+    gates = attach_gates(model)
+    gated_macs(model).backward()
+    arch, sizes = model.arch, model.arch.feature_sizes()
+    # dMACs/dv of one channel of layer 1 = (C_0 * 9 * H1^2 + C_2 * 9 * H2^2) (it is input and output)
+    expected = arch.widths[0] * 9 * sizes[1] ** 2 + arch.widths[2] * 9 * sizes[2] ** 2
+    assert gates[1].weight.grad[0].item() == pytest.approx(expected)
+
+
+def test_freeze_fixes_masks():
+    model = M.build("repvgg_a0_mini", **SMALL)
+    attach_gates(model)
+    freeze_gates(model)
+    assert all(not g.weight.requires_grad for g in gates_of(model))
+
+
+def test_targets_and_their_errors():
+    arch = M.arch_for("repvgg_b1")
+    full = arch.macs()
+    assert resolve_target("1.36G", arch) == 1_360_000_000
+    assert resolve_target("50%", arch) == round(full / 2)
+    assert resolve_target(0.25, arch) == round(full / 4)
+    assert resolve_target(3.06e9, arch) == 3_060_000_000
+    with pytest.raises(PasError, match=rf"is not below the full network's {full} MACs; allowed range is \(\d+, {full}\)"):
+        resolve_target("12G", arch)
+    with pytest.raises(PasError, match="must be positive"):
+        resolve_target(-1, arch)
+    with pytest.raises(PasError, match=r"below \d+, the MACs with 1 channel\(s\) per layer"):
+        resolve_target(1000, arch)
+    with pytest.raises(PasError, match="not a MACs figure"):
+        resolve_target("lots", arch)
+
+
+def test_penalty_is_scale_free_and_two_sided():
+    arch = M.arch_for("repvgg_b1")
+    model = M.build_model(arch)
+    attach_gates(model)
+    pen = MacsPenalty(arch, resolve_target("1.36G", arch), alpha=14.0)
+    value, macs = pen(model)
+    assert int(macs) == arch.macs()
+    # 14 * ((11.815 - 1.36) / 11.815)^2, i.e. the paper's 0.1 * (11.815 - 1.36)^2 / 11.815^2 * 14
+    assert float(value.detach()) == pytest.approx(14 * ((arch.macs() - 1.36e9) / arch.macs()) ** 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["uniform", "bn_gamma", "l1"])
+@pytest.mark.parametrize("name", ["repvgg_b1_mini", "mobilenetv2_mini"])
+def test_baselines_land_within_one_percent(method, name):
+    model = randomize_bn(M.build(name, **SMALL))
+    target = resolve_target("40%", model.arch)
+    masks = prune(method, model, target)
+    macs = model.arch.macs([int(m.sum()) for m in masks])
+    assert target * 0.99 <= macs <= target
+    if method == "uniform":  # one factor: every layer keeps about the same fraction
+        fracs = [int(m.sum()) / m.numel() for m in masks]
+        assert max(fracs) - min(fracs) < 0.35
+
+
+def test_bn_gamma_ranks_globally():
+    model = M.build("repvgg_a0_mini", **SMALL)
+    for i, block in enumerate(model.blocks):  # layer 2 has the smallest gammas: pruned first
+        for bn in (block.rbr_dense[1], block.rbr_1x1[1]):
+            bn.weight.data.fill_(0.01 if i == 2 else 1.0)
+    masks = prune("bn_gamma", model, resolve_target("85%", model.arch))
+    kept = [int(m.sum()) for m in masks]
+    assert kept[2] < model.arch.widths[2]
+    others_whole = all(k == w for i, (k, w) in enumerate(zip(kept, model.arch.widths)) if i != 2)
+    assert others_whole or kept[2] == 1  # nothing else goes before layer 2 is down to its minimum
+
+
+def test_adjust_flips_channels_nearest_the_threshold():
+    arch = M.arch_for("repvgg_a0_mini", **SMALL)
+    scores = [torch.linspace(0.0, 1.0, w) for w in arch.widths]
+    masks = [s > 0.5 for s in scores]
+    target = int(arch.macs([int(m.sum()) for m in masks]) * 0.97)
+    out = adjust_masks(arch, masks, scores, target)
+    dropped = [(li, j) for li, (a, b) in enumerate(zip(masks, out)) for j in range(len(a)) if a[j] and not b[j]]
+    assert dropped, "something had to be dropped"
+    # only channels just above the 0.5 threshold move; confident ones (score >= 0.6) all stay
+    assert max(float(scores[li][j]) for li, j in dropped) < 0.6
+    assert all(bool(b[j]) for a, b, s in zip(masks, out, scores) for j in range(len(a)) if s[j] >= 0.6)
+    macs = arch.macs([int(m.sum()) for m in out])
+    assert target * 0.99 <= macs <= target
