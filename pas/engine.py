@@ -175,14 +175,14 @@ class Trainer:
                 extra, macs = self.penalty(self.model)
                 total = loss + extra
             if not torch.isfinite(total):
-                raise PasError(f"loss became {float(total)} at epoch {epoch + 1} step {step + 1} "
+                raise PasError(f"loss became {float(total.detach())} at epoch {epoch + 1} step {step + 1} "
                                f"(lr {lr:g}); expected a finite loss: lower the learning rate")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             n += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += accuracy(out.detach(), y, ks=(1,))[0]
             if self.on_step is not None and self.world.main:
                 self.on_step(epoch, step, macs)

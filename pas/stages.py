@@ -1,6 +1,397 @@
-"""Stage subcommands (pretrain, search, finetune, deploy, evaluate) of the `pas` CLI."""
+"""The stages the workflow runs: pretrain, search, prune, finetune, deploy, evaluate.
+
+Each stage reads a stage config (YAML/JSON + `--set key=value`), writes its declared outputs
+atomically once it has finished, keeps its resumable training state in a hidden file beside them,
+and logs to MLflow when tracking is on.
+"""
 from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pas.config import load_config
+from pas.errors import PasError
+from pas.io import atomic_path, atomic_write_json
+
+STATE_SUFFIX = ".state.pt"
+
+
+# -- shared set-up ---------------------------------------------------------------------------
+
+def _setup(cfg: dict):
+    from pas.engine import env_world
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    world = env_world()
+    if world.size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if world.device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg["seed"])
+    return world
+
+
+def _data(cfg: dict, world, *, augment: bool = True):
+    from pas.data import load_data, make_loader
+    d = cfg["dataset"]
+    train, val, info = load_data(d["name"], root=d["root"], val_fraction=d["val_fraction"],
+                                 seed=d["split_seed"], resize=d["resize"], augment=augment,
+                                 max_train=d["max_train"], max_val=d["max_val"], in_channels=d["in_channels"])
+    per_rank = max(1, cfg["batch_size"] // world.size)
+
+    def train_loader(epoch: int):
+        return make_loader(train, batch_size=per_rank, shuffle=True, seed=cfg["seed"], epoch=epoch,
+                           drop_last=len(train) > per_rank, rank=world.rank, world_size=world.size,
+                           num_workers=cfg["workers"])
+
+    val_loader = make_loader(val, batch_size=max(per_rank, 256), shuffle=False, num_workers=cfg["workers"])
+    return train_loader, val_loader, info
+
+
+def _model(cfg: dict, info, world):
+    from pas.models import build
+    model = build(cfg["backbone"], num_classes=info.num_classes, in_channels=info.in_channels,
+                  resolution=info.resolution)
+    if world.size > 1 and cfg["sync_bn"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world.device.type == "cuda" and cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(world.device)
+
+
+def _weights_only(model) -> dict:
+    """Training-form weights without gates: masks travel in masks.json."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if ".gate." not in k}
+
+
+def _load_weights(model, path: str) -> None:
+    from pas.checkpoints import load_checkpoint
+    load_checkpoint(path, model)
+
+
+def _progress(cfg) -> bool:
+    return sys.stderr.isatty() if cfg["progress"] is None else cfg["progress"]
+
+
+def _epoch_logger(tracker, stage: str, epochs: int):
+    def log(epoch, row):
+        parts = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+        print(f"[{stage}] epoch {epoch}/{epochs} {parts}", file=sys.stderr, flush=True)
+        tracker.metrics(row, step=epoch)
+    return log
+
+
+def _tracker(cfg, stage: str, world):
+    from pas.tracking import Tracker
+    name = f"{cfg['tags'].get('variant', cfg['backbone'])}/{stage}"
+    return Tracker(cfg, stage=stage, run_name=name, enabled=world.main)
+
+
+def _masks_record(arch, masks, **extra) -> dict:
+    return {"family": arch.family, "widths": [int(m.sum()) for m in masks],
+            "full_widths": arch.searchable_widths(), "full_macs": int(arch.macs()),
+            "macs": int(arch.macs([int(m.sum()) for m in masks])),
+            "masks": [[int(v) for v in m.tolist()] for m in masks], **extra}
+
+
+def _read_masks(path: str) -> list[torch.Tensor]:
+    try:
+        data = json.loads(Path(path).read_text())
+        return [torch.tensor(m, dtype=torch.bool) for m in data["masks"]]
+    except FileNotFoundError:
+        raise PasError(f"masks file {path!r} does not exist") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise PasError(f"masks file {path!r} is malformed ({e}); expected the JSON written by "
+                       f"pas search or pas prune") from None
+
+
+def _check_masks(model, masks, path):
+    widths = model.arch.searchable_widths()
+    if [len(m) for m in masks] != widths:
+        raise PasError(f"masks file {path!r} has layer widths {[len(m) for m in masks]}, but "
+                       f"{type(model).__name__} needs {widths}")
+
+
+def _state_path(out: str) -> Path:
+    p = Path(out)
+    return p.with_name(f".{p.name}{STATE_SUFFIX}")
+
+
+def _check_writable(*outputs: str) -> None:
+    for out in outputs:
+        parent = Path(out).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PasError(f"output folder {str(parent)!r} cannot be created: {e.strerror}") from None
+        if not os.access(parent, os.W_OK):
+            raise PasError(f"output folder {str(parent)!r} is not writable")
+
+
+def _finish_training(tracker, out_weights, model, metrics_path, metrics, state_path, artifacts=()):
+    from pas.io import atomic_torch_save
+    atomic_torch_save(_weights_only(model), out_weights)
+    atomic_write_json(metrics_path, metrics)
+    for a in artifacts:
+        tracker.artifact(a)
+    tracker.artifact(metrics_path)
+    tracker.metrics({k: v for k, v in metrics.items() if k.startswith(("final_", "wall_", "macs", "target"))})
+    tracker.finish(True)
+    Path(state_path).unlink(missing_ok=True)
+
+
+# -- stages ----------------------------------------------------------------------------------
+
+def pretrain(cfg: dict, *, out_weights: str, out_metrics: str, import_path: str | None = None) -> dict:
+    """Train the full training-form backbone, or import official/timm weights into it."""
+    from pas.engine import OptimConfig, Trainer
+    _check_writable(out_weights, out_metrics)
+    world = _setup(cfg)
+    train_loader, val_loader, info = _data(cfg, world)
+    model = _model(cfg, info, world)
+    tracker = _tracker(cfg, "pretrain", world)
+    t0 = time.perf_counter()
+    state = _state_path(out_weights)
+    if import_path:
+        _load_weights(model, import_path)
+        from pas.engine import evaluate
+        rows = [evaluate(model, val_loader, world.device)]
+    else:
+        trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
+                          optim=OptimConfig(**cfg["optim"]), seed=cfg["seed"], state_path=state,
+                          on_epoch=_epoch_logger(tracker, "pretrain", cfg["epochs"]), world=world,
+                          amp=cfg["amp"], progress=_progress(cfg))
+        rows = trainer.fit()
+    final = rows[-1] if rows else {}
+    metrics = {"stage": "pretrain", "backbone": cfg["backbone"], "epochs": cfg["epochs"],
+               "final_top1": final.get("top1"), "final_top5": final.get("top5"),
+               "wall_seconds": time.perf_counter() - t0, "macs": int(model.arch.macs()), "history": rows}
+    if world.main:
+        _finish_training(tracker, out_weights, model, out_metrics, metrics, state)
+    return metrics
+
+
+def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_history: str,
+           out_metrics: str) -> dict:
+    """Gates on, weights and gates trained jointly on CE + MACs penalty, masks landed on target."""
+    from pas.engine import OptimConfig
+    from pas.search import search as run_search
+    _check_writable(out_weights, out_masks, out_history, out_metrics)
+    world = _setup(cfg)
+    train_loader, val_loader, info = _data(cfg, world)
+    model = _model(cfg, info, world)
+    _load_weights(model, weights)
+    s = cfg["search"]
+    tracker = _tracker(cfg, "search", world)
+    t0 = time.perf_counter()
+    state = _state_path(out_weights)
+    result = run_search(model, train_loader, target=s["target"], epochs=cfg["epochs"],
+                        optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
+                        tolerance=s["tolerance"], history_every=s["history_every"], val_loader=val_loader,
+                        seed=cfg["seed"], state_path=state, world=world, progress=_progress(cfg),
+                        on_epoch=_epoch_logger(tracker, "search", cfg["epochs"]))
+    wall = time.perf_counter() - t0
+    if not world.main:
+        return {}
+    record = _masks_record(model.arch, result.masks, target_macs=result.target_macs,
+                           searched_macs=result.searched_macs, method="pas")
+    atomic_write_json(out_masks, record)
+    atomic_write_json(out_history, {"layers": len(result.masks), "full_widths": model.arch.searchable_widths(),
+                                    "target_macs": result.target_macs, "records": result.history})
+    final = result.metrics[-1] if result.metrics else {}
+    metrics = {"stage": "search", "backbone": cfg["backbone"], "epochs": cfg["epochs"],
+               "target_macs": result.target_macs, "macs": result.macs, "searched_macs": result.searched_macs,
+               "widths": record["widths"], "final_top1": final.get("top1"), "final_top5": final.get("top5"),
+               "wall_seconds": wall, "history": result.metrics}
+    for i, w in enumerate(record["widths"]):
+        tracker.metrics({f"kept_{i:02d}": w})
+    _finish_training(tracker, out_weights, model, out_metrics, metrics, state, (out_masks, out_history))
+    return metrics
+
+
+def prune(cfg: dict, *, weights: str, out_masks: str) -> dict:
+    """Baseline masks (uniform, bn_gamma, l1) at the configured target, from pretrained weights."""
+    from pas.pruners import prune as run_prune
+    from pas.search import resolve_target
+    _check_writable(out_masks)
+    world = _setup(cfg)
+    _, _, info = _data(cfg, world)
+    model = _model(cfg, info, world)
+    _load_weights(model, weights)
+    s = cfg["search"]
+    target = resolve_target(s["target"], model.arch, s["min_channels"])
+    masks = run_prune(s["method"], model, target, tolerance=s["tolerance"], min_channels=s["min_channels"])
+    record = _masks_record(model.arch, masks, target_macs=target, method=s["method"])
+    atomic_write_json(out_masks, record)
+    return record
+
+
+def finetune(cfg: dict, *, weights: str, masks: str, out_weights: str, out_metrics: str) -> dict:
+    """Gates frozen at the given masks; the masked multi-branch network trains on CE only."""
+    from pas.engine import OptimConfig, Trainer
+    from pas.gates import freeze_gates, set_masks
+    _check_writable(out_weights, out_metrics)
+    world = _setup(cfg)
+    train_loader, val_loader, info = _data(cfg, world)
+    model = _model(cfg, info, world)
+    _load_weights(model, weights)
+    mask_list = _read_masks(masks)
+    _check_masks(model, mask_list, masks)
+    set_masks(model, mask_list)
+    freeze_gates(model)
+    tracker = _tracker(cfg, "finetune", world)
+    t0 = time.perf_counter()
+    state = _state_path(out_weights)
+    trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
+                      optim=OptimConfig(**cfg["optim"]), seed=cfg["seed"], state_path=state,
+                      on_epoch=_epoch_logger(tracker, "finetune", cfg["epochs"]), world=world,
+                      amp=cfg["amp"], progress=_progress(cfg))
+    rows = trainer.fit()
+    final = rows[-1] if rows else {}
+    metrics = {"stage": "finetune", "backbone": cfg["backbone"], "epochs": cfg["epochs"],
+               "macs": int(model.arch.macs([int(m.sum()) for m in mask_list])),
+               "final_top1": final.get("top1"), "final_top5": final.get("top5"),
+               "wall_seconds": time.perf_counter() - t0, "history": rows}
+    if world.main:
+        _finish_training(tracker, out_weights, model, out_metrics, metrics, state)
+    return metrics
+
+
+def deploy(cfg: dict, *, weights: str, masks: str, out_dir: str) -> dict:
+    """Fuse + compact into a plain network: arch.json, model.safetensors, model.onnx, deploy.json."""
+    from pas.compact import compact
+    from pas.deploy import save_deployed
+    from pas.gates import set_masks
+    world = _setup(cfg)
+    _, _, info = _data(cfg, world, augment=False)
+    model = _model(cfg, info, world).cpu()
+    _load_weights(model, weights)
+    mask_list = _read_masks(masks)
+    _check_masks(model, mask_list, masks)
+    set_masks(model, mask_list)
+    model.eval()
+    plain = compact(model).eval()
+    x = torch.randn(2, info.in_channels, info.resolution, info.resolution)
+    with torch.no_grad():
+        err = float((model(x) - plain(x)).abs().max() / model(x).abs().max())
+    record = save_deployed(plain, out_dir, compact_rel_err=err)
+    tracker = _tracker(cfg, "deploy", world)
+    for name in ("arch.json", "deploy.json", "model.onnx"):
+        tracker.artifact(Path(out_dir) / name, "deployed")
+    tracker.metrics({"macs": record["macs"], "params": record["params"], "compact_rel_err": err})
+    tracker.finish(True)
+    return record
+
+
+def evaluate(cfg: dict, *, arch: str, weights: str, out: str) -> dict:
+    """Accuracy, MACs (analytic and ptflops), params and measured latency of a deployed network."""
+    from pas.deploy import load_deployed
+    from pas.evaluate import evaluate_deployed
+    _check_writable(out)
+    world = _setup(cfg)
+    _, val_loader, info = _data(cfg, world, augment=False)
+    model = load_deployed(arch, weights)
+    if (model.arch.in_channels, model.arch.num_classes) != (info.in_channels, info.num_classes):
+        raise PasError(f"network {arch!r} takes {model.arch.in_channels} channels/{model.arch.num_classes} "
+                       f"classes, dataset {info.name!r} has {info.in_channels}/{info.num_classes}")
+    e = cfg["evaluate"]
+    result = evaluate_deployed(model, val_loader, batch_sizes=e["batch_sizes"], repeats=e["repeats"],
+                               warmup=e["warmup"], threads=e["threads"])
+    result.update(backbone=cfg["backbone"], **{k: v for k, v in cfg["tags"].items()})
+    atomic_write_json(out, result)
+    tracker = _tracker(cfg, "evaluate", world)
+    tracker.metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
+    tracker.artifact(out)
+    tracker.finish(True)
+    return result
+
+
+# -- CLI wiring ------------------------------------------------------------------------------
+
+def _common(p) -> None:
+    p.add_argument("--config", help="stage config (YAML or JSON)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="train with DistributedDataParallel on N local processes")
+
+
+def _run(fn, *names):
+    def handler(args):
+        if args.nproc_per_node > 1 and "RANK" not in os.environ:
+            return _launch_distributed(args.nproc_per_node)
+        cfg = load_config(args.config, args.overrides)
+        kwargs = {n: getattr(args, n) for n in names}
+        fn(cfg, **kwargs)
+        return 0
+    return handler
+
+
+def _launch_distributed(nproc: int) -> int:
+    """Re-run this very command under torchrun with N local processes."""
+    from torch.distributed.run import main as torchrun
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--nproc-per-node") if "--nproc-per-node" in argv else None
+    if i is not None:
+        del argv[i:i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc-per-node=")]
+    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "pas.cli", *argv])
+    return 0
 
 
 def add_subcommands(sub) -> None:
     """Register the stage subcommands on the CLI's subparsers."""
+    p = sub.add_parser("pretrain", help="train (or import) the full training-form backbone")
+    _common(p)
+    p.add_argument("--out-weights", required=True)
+    p.add_argument("--out-metrics", required=True)
+    p.add_argument("--import", dest="import_path", help="official RepVGG / timm / pas checkpoint to import")
+    p.set_defaults(func=_run(pretrain, "out_weights", "out_metrics", "import_path"))
+
+    p = sub.add_parser("search", help="PaS search: DBC gates + MACs-target objective")
+    _common(p)
+    for flag in ("--weights", "--out-weights", "--out-masks", "--out-history", "--out-metrics"):
+        p.add_argument(flag, required=True)
+    p.set_defaults(func=_run(search, "weights", "out_weights", "out_masks", "out_history", "out_metrics"))
+
+    p = sub.add_parser("prune", help="baseline masks (search.method: uniform, bn_gamma, l1)")
+    _common(p)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--out-masks", required=True)
+    p.set_defaults(func=_run(prune, "weights", "out_masks"))
+
+    p = sub.add_parser("finetune", help="fine-tune the masked network (gates frozen, CE only)")
+    _common(p)
+    for flag in ("--weights", "--masks", "--out-weights", "--out-metrics"):
+        p.add_argument(flag, required=True)
+    p.set_defaults(func=_run(finetune, "weights", "masks", "out_weights", "out_metrics"))
+
+    p = sub.add_parser("deploy", help="fuse + compact + export (arch.json, safetensors, ONNX)")
+    _common(p)
+    for flag in ("--weights", "--masks", "--out-dir"):
+        p.add_argument(flag, required=True)
+    p.set_defaults(func=_run(deploy, "weights", "masks", "out_dir"))
+
+    p = sub.add_parser("evaluate", help="accuracy, MACs, params and latency of a deployed network")
+    _common(p)
+    for flag in ("--arch", "--weights", "--out"):
+        p.add_argument(flag, required=True)
+    p.set_defaults(func=_run(evaluate, "arch", "weights", "out"))
+
+    p = sub.add_parser("tracking-init", help="create the MLflow store and experiment once")
+    p.add_argument("--uri", default="sqlite:///results/mlflow.db")
+    p.add_argument("--experiment", default="pas")
+    p.add_argument("--artifact-root", default="results/mlflow-artifacts")
+    p.set_defaults(func=_tracking_init)
+
+
+def _tracking_init(args) -> int:
+    from pas.tracking import init_store
+    print(init_store(args.uri, args.experiment, args.artifact_root))
+    return 0

@@ -1,0 +1,146 @@
+"""Stage configs: one typed schema with defaults, read from YAML/JSON plus `--set key=value` overrides.
+
+Every key has a type and a default; unknown keys and wrong types stop the stage before it starts,
+with a one-line message naming the key.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from pas.errors import PasError
+
+# key: (type or tuple of types, default, description). Nested dicts are sections.
+SCHEMA: dict = {
+    "backbone": (str, "repvgg_b1_mini", "registered network name (pas info NAME)"),
+    "seed": (int, 0, "seed of initialisation, data order and augmentation"),
+    "epochs": (int, 10, "epochs of this stage"),
+    "batch_size": (int, 256, "global batch size"),
+    "threads": ((int, type(None)), None, "torch CPU threads (None: torch's default)"),
+    "deterministic": (bool, False, "deterministic algorithms (exact resume on CPU)"),
+    "workers": (int, 0, "data loader worker processes (image folders only)"),
+    "amp": (bool, True, "mixed precision on CUDA (ignored on CPU)"),
+    "channels_last": (bool, True, "channels_last memory format on CUDA (ignored on CPU)"),
+    "sync_bn": (bool, False, "synchronised BN across processes when distributed"),
+    "progress": ((bool, type(None)), None, "tqdm progress bars (None: only on a terminal)"),
+    "dataset": {
+        "name": (str, "animal_mnist", "animal_mnist | digits | cifar10 | cifar100 | imagenet | folder"),
+        "root": ((str, type(None)), None, "dataset folder (cifar, imagenet, folder)"),
+        "val_fraction": (float, 0.2, "held-out fraction for datasets without a val split"),
+        "split_seed": (int, 0, "seed of the train/val split (fixed across runs)"),
+        "resize": ((int, type(None)), None, "resize images to this side"),
+        "in_channels": ((int, type(None)), None, "force 1 (grayscale) or 3 (RGB) for image folders"),
+        "max_train": ((int, type(None)), None, "stratified subset of the training split (tests)"),
+        "max_val": ((int, type(None)), None, "stratified subset of the validation split (tests)"),
+    },
+    "optim": {
+        "lr": (float, 0.1, "initial learning rate"),
+        "momentum": (float, 0.9, "SGD momentum"),
+        "weight_decay": (float, 1e-4, "weight decay (gates included while searching)"),
+        "schedule": (str, "cosine", "cosine | step | constant"),
+        "milestones": (list, [0.5, 0.75], "step schedule: fractions of the epochs"),
+        "gamma": (float, 0.1, "step schedule: factor at each milestone"),
+    },
+    "search": {
+        "target": ((str, int, float), "50%", "MACs target: '1.36G', '2.5M', '40%', 0.4 or an integer"),
+        "alpha": (float, 14.0, "scale-free penalty weight (paper's 0.1 in GMACs^-2 on B1 ~= 14)"),
+        "min_channels": (int, 1, "channels every layer keeps at least"),
+        "tolerance": (float, 0.01, "allowed relative distance of the final MACs to the target"),
+        "history_every": (int, 10, "record kept widths and MACs every N steps"),
+        "method": (str, "pas", "pas | uniform | bn_gamma | l1"),
+    },
+    "evaluate": {
+        "batch_sizes": (list, [1, 64], "batch sizes for latency"),
+        "repeats": (int, 20, "timed repeats (median reported)"),
+        "warmup": (int, 5, "untimed warm-up runs"),
+        "threads": (int, 1, "CPU threads for latency"),
+    },
+    "tracking": {
+        "enabled": (bool, True, "log to MLflow (plain files are always written)"),
+        "uri": (str, "sqlite:///results/mlflow.db", "MLflow tracking URI"),
+        "experiment": (str, "pas", "MLflow experiment name"),
+        "artifact_root": (str, "results/mlflow-artifacts", "artifact folder (made absolute)"),
+    },
+    "tags": (dict, {}, "extra MLflow tags (variant, target, ...)"),
+}
+
+
+def defaults(schema: dict = SCHEMA) -> dict:
+    return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v[1]) for k, v in schema.items()}
+
+
+def _type_name(t) -> str:
+    ts = t if isinstance(t, tuple) else (t,)
+    return " or ".join("null" if x is type(None) else x.__name__ for x in ts)
+
+
+def _check(value, spec, key: str):
+    types = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise PasError(f"config key {key!r} must be {_type_name(spec[0])}, got {value!r}")
+    if key in ("epochs", "batch_size", "search.history_every", "evaluate.repeats") and value < (0 if key == "epochs" else 1):
+        raise PasError(f"config key {key!r} must be {'>= 0' if key == 'epochs' else '>= 1'}, got {value!r}")
+    return value
+
+
+def merge(base: dict, update: dict, schema: dict = SCHEMA, prefix: str = "") -> dict:
+    """Validated copy of `base` updated by `update`."""
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            raise PasError(f"unknown config key {full!r}; expected one of {', '.join(sorted(schema))}")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            if not isinstance(value, dict):
+                raise PasError(f"config key {full!r} must be a mapping, got {value!r}")
+            out[key] = merge(out[key], value, spec, f"{full}.")
+        else:
+            out[key] = _check(value, spec, full)
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'optim.lr=0.05' -> {'optim': {'lr': 0.05}}; the value is read as YAML."""
+    if "=" not in text:
+        raise PasError(f"override {text!r} is not KEY=VALUE")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    cfg = defaults()
+    if path:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PasError(f"config file {str(path)!r} does not exist") from None
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise PasError(f"config file {str(path)!r} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        if data is not None and not isinstance(data, dict):
+            raise PasError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+        cfg = merge(cfg, data or {})
+    for text in overrides:
+        cfg = merge(cfg, parse_override(text))
+    return cfg
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}, for MLflow params."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict) and k != "tags":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
