@@ -188,7 +188,7 @@ class Trainer:
                 self.on_step(epoch, step, macs)
         row = {"loss": loss_sum / max(n, 1), "train_top1": 100 * correct / max(n, 1), "lr": lr}
         if macs is not None:
-            row["macs"] = float(macs)
+            row["macs"] = float(macs.detach())
         return row
 
 

@@ -148,7 +148,7 @@ def search(model: nn.Module, train_loader, *, target, epochs: int = 10, optim=No
         n = len(trainer.history)
         if step % history_every == 0:
             trainer.history.append({"epoch": epoch + 1, "step": step, "record": n,
-                                    "macs": int(round(float(macs))), "kept": kept_widths(model)})
+                                    "macs": int(round(float(macs.detach()))), "kept": kept_widths(model)})
 
     trainer.on_step = record
     metrics = trainer.fit()
