@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pas.arch import Architecture, MobileNetV2Arch, RepVGGArch
+from pas.arch import MobileNetV2Arch, RepVGGArch
 from pas.gates import masks
 from pas.models import build_model
 from pas.reparam import reparameterize
@@ -33,10 +33,6 @@ def compact(model: nn.Module, mask_list: list[torch.Tensor] | None = None) -> nn
         else:
             raise TypeError(f"cannot compact {type(arch).__name__}")
     return out.to(next(model.parameters()).device)
-
-
-def compact_arch(arch: Architecture, mask_list) -> Architecture:
-    return arch.with_widths([int(torch.as_tensor(m).sum()) for m in mask_list])
 
 
 def _copy_conv(dst: nn.Conv2d, src: nn.Conv2d, rows=None, cols=None, bias_extra=None) -> None:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from pas.arch import Architecture, RepVGGArch
+from pas.macs import fc_macs
 
 
 def arch_info(arch: Architecture) -> dict:
     """Deploy MACs/params and the per-layer widths of an architecture, as one JSON-able dict."""
     macs = int(arch.macs())
-    head = arch.num_classes * (arch.last_width if arch.family == "mobilenetv2" else arch.widths[-1])
+    head = fc_macs(arch.widths[-1] if isinstance(arch, RepVGGArch) else arch.last_width, arch.num_classes)
     info = {"family": arch.family, "macs": macs, "gmacs": round(macs / 1e9, 3),
             "conv_macs": macs - head, "params": int(arch.params()),
             "widths": arch.searchable_widths(), "resolution": arch.resolution,

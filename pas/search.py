@@ -23,7 +23,8 @@ from torch import nn
 
 from pas.arch import Architecture
 from pas.errors import PasError
-from pas.gates import gated_macs
+from pas.engine import OptimConfig, Trainer
+from pas.gates import attach_gates, gate_sites, gated_macs, gates_of, kept_widths, set_masks
 
 DEFAULT_ALPHA = 14.0
 DEFAULT_TOLERANCE = 0.01
@@ -131,9 +132,6 @@ def search(model: nn.Module, train_loader, *, target, epochs: int = 10, optim=No
     `train_loader(epoch)` returns the batches of one epoch. Gates are attached if the model has
     none. On return the gates realise the final masks (also in `SearchResult.masks`).
     """
-    from pas.engine import OptimConfig, Trainer
-    from pas.gates import attach_gates, gate_sites, gates_of, kept_widths, set_masks
-
     arch = model.arch
     target_macs = resolve_target(target, arch, min_channels)
     if any(site.gate is None for site in gate_sites(model)):

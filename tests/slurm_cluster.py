@@ -94,7 +94,9 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     finally:
         stopped = _run_script("stop", str(cluster_dir), timeout=120)
         if stopped.returncode == 0:
-            shutil.rmtree(cluster_dir, ignore_errors=True)
+            # Under sudo the SLURM daemons leave root-owned state and logs behind.
+            sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+            subprocess.run([*sudo, "rm", "-rf", str(cluster_dir)], capture_output=True)
         else:
             # Keep the folder: its logs and pids are what is needed to clean up by hand.
             print(f"cluster.sh stop failed, left {cluster_dir}:\n{stopped.stderr}")

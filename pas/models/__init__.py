@@ -29,7 +29,8 @@ MINI_BASE = (8, 8, 16, 32, 64)
 MINI_A_BLOCKS = (1, 1, 2, 3, 1)
 MINI_B_BLOCKS = (1, 2, 2, 4, 1)
 MINI_STRIDES = (2, 1, 2, 2, 2)
-# MobileNetV2 for small inputs: stride-1 stem, CIFAR-style (second stage at stride 1), fewer repeats.
+# MobileNetV2 for small inputs: torchvision's recipe with the second stage at stride 1 (as in CIFAR
+# variants), fewer repeats and a 256-wide last conv (28 -> 14 -> 7 -> 4 -> 2).
 MINI_MBV2_SETTING = ((1, 16, 1, 1), (6, 24, 1, 1), (6, 32, 2, 2), (6, 64, 2, 2),
                      (6, 96, 1, 1), (6, 160, 1, 2), (6, 320, 1, 1))
 

@@ -12,8 +12,9 @@
 # -f), and every munge client finds this cluster's munged through AuthInfo=socket=... in it.
 # Several clusters can run side by side (each picks its own free ports).
 #
-# Needs root for the daemons (slurmd must be able to start jobs as the submitting user);
-# as a normal user it runs the privileged steps through `sudo -n` (e.g. on CI runners).
+# Needs root for the SLURM daemons (slurmd must be able to start jobs as the submitting user);
+# as a normal user it runs apt-get, slurmctld, slurmd and kill through `sudo -n` (e.g. on CI
+# runners). munged never needs root.
 #
 # Only `start` prints to stdout (two export lines: SLURM_CONF, and PATH with DIR/bin first, see
 # write_srun_wrapper), so `eval "$(cluster.sh start DIR)"` works; progress and errors go to stderr.
@@ -67,11 +68,12 @@ cmd_install() {
 }
 
 # A TCP port on 127.0.0.1 that nothing listens on. Fixed ports (6817/6818) would collide with a
-# second test cluster (parallel sessions on one machine) or a real slurmctld.
+# second test cluster (parallel sessions on one machine) or a real slurmctld. The range stays
+# below Linux's ephemeral ports (32768+), which outgoing connections could be holding.
 free_port() {
     local port
     for _ in $(seq 200); do
-        port=$((20000 + RANDOM % 30000))
+        port=$((10000 + RANDOM % 20000))
         # Connecting succeeds only if something listens there.
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "$port"
@@ -185,6 +187,13 @@ EOF
     chmod 755 "$dir/bin" "$dir/bin/srun"
 }
 
+# EXIT trap while starting: on failure, say where the logs are and stop what had started.
+abort_start() {
+    [[ $1 -eq 0 ]] && return
+    log "start failed (exit $1); logs: $STARTING_DIR/log, $STARTING_DIR/munge/munged.log"
+    cmd_stop "$STARTING_DIR"
+}
+
 # Print the PID in a pid file once the daemon has written it (they write it after forking).
 wait_pid_file() {
     local file=$1 name=$2
@@ -204,9 +213,12 @@ cmd_start() {
     export PATH="$PATH:/usr/sbin"
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd -P)
-    if [[ -s $dir/pids ]]; then
-        die "$dir/pids exists: a cluster may still run there; run '$0 stop $dir' first"
+    if any_running "$dir"; then
+        die "a cluster started in $dir still runs; run '$0 stop $dir' first"
     fi
+    # From here on, a failed start stops whatever it had started.
+    STARTING_DIR=$dir
+    trap 'abort_start $?' EXIT
     # Clients of any user must reach the munge socket and read slurm.conf.
     chmod 755 "$dir"
     check_searchable "$dir"
@@ -227,10 +239,11 @@ cmd_start() {
     write_config "$dir" "$host" "$ctld_port" "$slurmd_port" "$hardware"
     export SLURM_CONF=$dir/slurm.conf
 
-    # munged runs as root: it allows that (0.5.15), and it spares chowning DIR to the munge user,
-    # which could not even enter DIR under a private (0700) temp folder.
-    "${SUDO[@]}" mungekey --create --keyfile="$dir/munge/munge.key"
-    "${SUDO[@]}" munged --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
+    # munged runs as whoever runs this script, without sudo: it needs no privilege, and it insists
+    # that every folder on its paths is owned by root or by its own user, which DIR then is (as
+    # root, or as a CI user who owns DIR). Running it as the munge user would mean chowning DIR.
+    mungekey --create --keyfile="$dir/munge/munge.key"
+    munged --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
         --log-file="$dir/munge/munged.log" --pid-file="$dir/munge/munged.pid" \
         --seed-file="$dir/munge/munged.seed"
     echo "munged $(wait_pid_file "$dir/munge/munged.pid" munged)" >>"$dir/pids"
@@ -254,19 +267,33 @@ cmd_start() {
         log "node state is '${state:-unknown}' after ${READY_TIMEOUT_S} s; slurmctld log tail:"
         tail -n 20 "$dir/log/slurmctld.log" >&2 || true
         tail -n 20 "$dir/log/slurmd.log" >&2 || true
-        cmd_stop "$dir"
         die "cluster did not become ready"
     fi
+    trap - EXIT
     log "node $host idle (slurmctld :$ctld_port, slurmd :$slurmd_port)"
     echo "export SLURM_CONF=$dir/slurm.conf"
     echo "export PATH=$dir/bin:\$PATH"
 }
 
 # True while PID is alive and still runs the program named NAME (guards against PID reuse).
+# A zombie counts as gone: a killed daemon stays one until its parent (here init, which may be
+# slow to reap in a container) collects it.
 running() {
-    local pid=$1 name=$2 comm
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ $comm == "$name" ]]
+    local pid=$1 name=$2 stat
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    # /proc/PID/stat reads "PID (COMM) STATE ...".
+    [[ $stat == "$pid ($name) "* && $stat != "$pid ($name) Z"* ]]
+}
+
+# True if a daemon recorded in DIR/pids still runs. A pids file whose daemons are all gone (killed,
+# machine restarted) is stale and does not block a new start.
+any_running() {
+    local dir=$1 name pid
+    [[ -f $dir/pids ]] || return 1
+    while read -r name pid; do
+        [[ -n ${name:-} ]] && running "$pid" "$name" && return 0
+    done <"$dir/pids"
+    return 1
 }
 
 cmd_stop() {
@@ -280,7 +307,7 @@ cmd_stop() {
         jobs=$(SLURM_CONF=$dir/slurm.conf squeue -h -t RUNNING,PENDING,COMPLETING -o %i 2>/dev/null || true)
         if [[ -n $jobs ]]; then
             # shellcheck disable=SC2086  # one argument per job id
-            SLURM_CONF=$dir/slurm.conf "${SUDO[@]}" env SLURM_CONF="$dir/slurm.conf" scancel $jobs || true
+            "${SUDO[@]}" env SLURM_CONF="$dir/slurm.conf" scancel $jobs || true
             for _ in $(seq 20); do
                 [[ -z $(SLURM_CONF=$dir/slurm.conf squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null) ]] && break
                 sleep 0.5
