@@ -6,3 +6,5 @@ import torch
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(1)
+
+from tests.slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a one-node SLURM cluster)

@@ -16,8 +16,8 @@ SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 # The whole run, startup included, must end within this; each SLURM job costs ~5-7 s.
 RUN_TIMEOUT_S = 300
 
-# Two jobs run side by side, a third joins them. Each writes what SLURM told it, so the test can
-# check that the job ran under SLURM with exactly the resources the rule requested.
+# Two jobs run side by side, a third joins them. Each writes SLURM's record of the job it runs in,
+# so the test can check that it ran under SLURM with exactly the resources its rule requested.
 SNAKEFILE = textwrap.dedent(
     """
     localrules: all
@@ -113,6 +113,7 @@ def test_failed_job_names_its_slurm_log(slurm_cluster, tmp_path):
     log = Path(logs[0])
     assert log.is_relative_to(tmp_path / "slurm_logs")
     assert log.parent.name == "rule_b"
+    assert log.is_file()
     assert "rule b failed on purpose" in log.read_text()
     assert not (tmp_path / "b.txt").exists()
     assert not (tmp_path / "c.txt").exists()  # nothing ran after the failure
