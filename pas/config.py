@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -72,6 +73,9 @@ def defaults(schema: dict = SCHEMA) -> dict:
     return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v[1]) for k, v in schema.items()}
 
 
+_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
 def _type_name(t) -> str:
     ts = t if isinstance(t, tuple) else (t,)
     return " or ".join("null" if x is type(None) else x.__name__ for x in ts)
@@ -80,6 +84,9 @@ def _type_name(t) -> str:
 def _check(value, spec, key: str):
     types = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
     if float in types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    # YAML 1.1 (PyYAML) reads '1e-3' and '1e30' (no dot in the mantissa) as strings
+    if float in types and str not in types and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:

@@ -267,6 +267,7 @@ def deploy(cfg: dict, *, weights: str, masks: str, out_dir: str) -> dict:
     from pas.compact import compact
     from pas.deploy import save_deployed
     from pas.gates import set_masks
+    _check_writable(out_dir)
     world = _setup(cfg)
     _, _, info = _data(cfg, world, augment=False)
     model = _model(cfg, info, world).cpu()
@@ -323,9 +324,13 @@ def _common(p) -> None:
 
 def _run(fn, *names):
     def handler(args):
+        import warnings
+        # torch.load(weights_only=True) warns about the pickle protocol of a file it then refuses
+        # (a PasError follows): keep the error the one line on stderr
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        cfg = load_config(args.config, args.overrides)  # bad configs fail once, before any launch
         if args.nproc_per_node > 1 and "RANK" not in os.environ:
             return _launch_distributed(args.nproc_per_node)
-        cfg = load_config(args.config, args.overrides)
         kwargs = {n: getattr(args, n) for n in names}
         fn(cfg, **kwargs)
         return 0
@@ -341,7 +346,16 @@ def _launch_distributed(nproc: int) -> int:
         del argv[i:i + 2]
     else:
         argv = [a for a in argv if not a.startswith("--nproc-per-node=")]
-    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "pas.cli", *argv])
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "pas.cli", *argv])
+    except ChildFailedError as e:  # the workers have reported their own errors on stderr
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 1
     return 0
 
 
