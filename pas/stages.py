@@ -86,10 +86,13 @@ def _epoch_logger(tracker, stage: str, epochs: int):
     return log
 
 
-def _tracker(cfg, stage: str, world):
+def _tracker(cfg, stage: str, world, primary_output: str):
+    """The stage's MLflow run; its plain record lands beside the primary output as *.run.json."""
     from pas.tracking import Tracker
     name = f"{cfg['tags'].get('variant', cfg['backbone'])}/{stage}"
-    return Tracker(cfg, stage=stage, run_name=name, enabled=world.main)
+    p = Path(primary_output)
+    record = p / "run.json" if p.suffix == "" else p.with_name(f"{p.stem}.run.json")
+    return Tracker(cfg, stage=stage, run_name=name, enabled=world.main, record_path=record)
 
 
 def _masks_record(arch, masks, **extra) -> dict:
@@ -154,7 +157,7 @@ def pretrain(cfg: dict, *, out_weights: str, out_metrics: str, import_path: str 
     world = _setup(cfg)
     train_loader, val_loader, info = _data(cfg, world)
     model = _model(cfg, info, world)
-    tracker = _tracker(cfg, "pretrain", world)
+    tracker = _tracker(cfg, "pretrain", world, out_metrics)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
     if import_path:
@@ -187,14 +190,21 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     model = _model(cfg, info, world)
     _load_weights(model, weights)
     s = cfg["search"]
-    tracker = _tracker(cfg, "search", world)
+    tracker = _tracker(cfg, "search", world, out_metrics)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
+    log_epoch = _epoch_logger(tracker, "search", cfg["epochs"])
+
+    def on_epoch(epoch, row):  # the kept widths of every epoch, for the width curves in MLflow
+        from pas.gates import kept_widths
+        log_epoch(epoch, row)
+        tracker.metrics({f"kept_{i:02d}": w for i, w in enumerate(kept_widths(model))}, step=epoch)
+
     result = run_search(model, train_loader, target=s["target"], epochs=cfg["epochs"],
                         optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
                         tolerance=s["tolerance"], history_every=s["history_every"], val_loader=val_loader,
                         seed=cfg["seed"], state_path=state, world=world, progress=_progress(cfg),
-                        on_epoch=_epoch_logger(tracker, "search", cfg["epochs"]))
+                        on_epoch=on_epoch)
     wall = time.perf_counter() - t0
     if not world.main:
         return {}
@@ -208,8 +218,8 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
                "target_macs": result.target_macs, "macs": result.macs, "searched_macs": result.searched_macs,
                "widths": record["widths"], "final_top1": final.get("top1"), "final_top5": final.get("top5"),
                "wall_seconds": wall, "history": result.metrics}
-    for i, w in enumerate(record["widths"]):
-        tracker.metrics({f"kept_{i:02d}": w})
+    # the final (target-adjusted) widths, as the last point of each kept_NN curve
+    tracker.metrics({f"kept_{i:02d}": w for i, w in enumerate(record["widths"])}, step=cfg["epochs"] + 1)
     _finish_training(tracker, out_weights, model, out_metrics, metrics, state, (out_masks, out_history))
     return metrics
 
@@ -228,6 +238,10 @@ def prune(cfg: dict, *, weights: str, out_masks: str) -> dict:
     masks = run_prune(s["method"], model, target, tolerance=s["tolerance"], min_channels=s["min_channels"])
     record = _masks_record(model.arch, masks, target_macs=target, method=s["method"])
     atomic_write_json(out_masks, record)
+    tracker = _tracker(cfg, "prune", world, out_masks)
+    tracker.metrics({"target_macs": target, "macs": record["macs"]})
+    tracker.artifact(out_masks)
+    tracker.finish(True)
     return record
 
 
@@ -244,7 +258,7 @@ def finetune(cfg: dict, *, weights: str, masks: str, out_weights: str, out_metri
     _check_masks(model, mask_list, masks)
     set_masks(model, mask_list)
     freeze_gates(model)
-    tracker = _tracker(cfg, "finetune", world)
+    tracker = _tracker(cfg, "finetune", world, out_metrics)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
     trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
@@ -281,7 +295,7 @@ def deploy(cfg: dict, *, weights: str, masks: str, out_dir: str) -> dict:
     with torch.no_grad():
         err = float((model(x) - plain(x)).abs().max() / model(x).abs().max())
     record = save_deployed(plain, out_dir, compact_rel_err=err)
-    tracker = _tracker(cfg, "deploy", world)
+    tracker = _tracker(cfg, "deploy", world, out_dir)
     for name in ("arch.json", "deploy.json", "model.onnx"):
         tracker.artifact(Path(out_dir) / name, "deployed")
     tracker.metrics({"macs": record["macs"], "params": record["params"], "compact_rel_err": err})
@@ -305,7 +319,7 @@ def evaluate(cfg: dict, *, arch: str, weights: str, out: str) -> dict:
                                warmup=e["warmup"], threads=e["threads"])
     result.update(backbone=cfg["backbone"], **{k: v for k, v in cfg["tags"].items()})
     atomic_write_json(out, result)
-    tracker = _tracker(cfg, "evaluate", world)
+    tracker = _tracker(cfg, "evaluate", world, out)
     tracker.metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
     tracker.artifact(out)
     tracker.finish(True)
@@ -403,6 +417,22 @@ def add_subcommands(sub) -> None:
     p.add_argument("--experiment", default="pas")
     p.add_argument("--artifact-root", default="results/mlflow-artifacts")
     p.set_defaults(func=_tracking_init)
+
+    p = sub.add_parser("tracking-ingest", help="replay the stages' run records (*.run.json) into MLflow")
+    p.add_argument("paths", nargs="+", help="run records, or folders searched for them")
+    p.add_argument("--uri", default="sqlite:///results/mlflow.db")
+    p.add_argument("--experiment", default="pas")
+    p.add_argument("--artifact-root", default="results/mlflow-artifacts")
+    p.set_defaults(func=_tracking_ingest)
+
+
+def _tracking_ingest(args) -> int:
+    from pas.tracking import ingest
+    records = []
+    for p in map(Path, args.paths):
+        records += sorted(p.rglob("*.run.json")) + sorted(p.rglob("run.json")) if p.is_dir() else [p]
+    print(ingest(records, uri=args.uri, experiment=args.experiment, artifact_root=args.artifact_root))
+    return 0
 
 
 def _tracking_init(args) -> int:

@@ -50,49 +50,107 @@ def git_commit() -> str:
 
 
 class Tracker:
-    """One MLflow run per stage invocation."""
+    """One MLflow run per stage invocation, mirrored in a plain run record (JSON).
 
-    def __init__(self, cfg: dict, *, stage: str, run_name: str, enabled: bool = True):
+    The record holds the run's tags, params, metrics and artifact paths, and is written whether
+    or not MLflow is on: on a cluster (SQLite over a shared file system is unsafe) jobs run with
+    tracking off and one local step replays the records into the store (`ingest`).
+    """
+
+    def __init__(self, cfg: dict, *, stage: str, run_name: str, enabled: bool = True,
+                 record_path: str | Path | None = None):
+        self.writer = enabled
         self.enabled = enabled and cfg["tracking"]["enabled"]
-        self.client = self.run_id = None
-        if not self.enabled:
-            return
-        import mlflow
-        t = cfg["tracking"]
-        uri = _absolute_uri(t["uri"])
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
-        try:
-            exp_id = init_store(uri, t["experiment"], t["artifact_root"])
-        except Exception as e:
-            raise PasError(f"MLflow store {t['uri']!r} cannot be opened: {str(e).splitlines()[0]}") from None
+        self.record_path = Path(record_path) if record_path else None
         tags = {"stage": stage, "backbone": cfg["backbone"], "seed": str(cfg["seed"]),
                 "git_commit": git_commit(), "host": socket.gethostname(),
-                "mlflow.runName": run_name, **{k: str(v) for k, v in cfg["tags"].items()}}
+                **{k: str(v) for k, v in cfg["tags"].items()}}
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-        run = self.client.create_run(exp_id, tags=tags, run_name=run_name)
-        self.run_id = run.info.run_id
-        from mlflow.entities import Param
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.record = {"run_name": run_name, "tags": tags,
+                       "params": {k: str(v)[:6000] for k, v in flatten(cfg).items()},
+                       "metrics": [], "artifacts": []}
+        self.client = self.run_id = None
+        if self.enabled:
+            t = cfg["tracking"]
+            self.client, self.run_id = _start_run(t["uri"], t["experiment"], t["artifact_root"],
+                                                  run_name, tags, self.record["params"])
 
     def metrics(self, values: dict, step: int | None = None) -> None:
-        if not self.enabled:
-            return
-        import time
-
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for i in range(0, len(batch), 500):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
+        rows = {k: float(v) for k, v in values.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.record["metrics"].append({"step": step or 0, "values": rows})
+        if self.enabled:
+            _log_metrics(self.client, self.run_id, rows, step or 0)
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
-        if self.enabled and Path(path).exists():
+        if not Path(path).exists():
+            return
+        self.record["artifacts"].append({"path": str(Path(path).resolve()), "folder": folder})
+        if self.enabled:
             self.client.log_artifact(self.run_id, str(path), folder)
 
     def finish(self, ok: bool = True) -> None:
+        if self.record_path and self.writer:
+            from pas.io import atomic_write_json
+            atomic_write_json(self.record_path, self.record)
         if self.enabled:
             self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def _start_run(uri: str, experiment: str, artifact_root: str, run_name: str, tags: dict, params: dict):
+    import mlflow
+    from mlflow.entities import Param
+    client = mlflow.MlflowClient(tracking_uri=_absolute_uri(uri))
+    try:
+        exp_id = init_store(uri, experiment, artifact_root)
+    except Exception as e:
+        raise PasError(f"MLflow store {uri!r} cannot be opened: {str(e).splitlines()[0]}") from None
+    run_id = client.create_run(exp_id, tags={**tags, "mlflow.runName": run_name}, run_name=run_name).info.run_id
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+    return client, run_id
+
+
+def _log_metrics(client, run_id: str, values: dict, step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, step) for k, v in values.items()]
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i:i + 500])
+
+
+def ingest(records: list[str | Path], *, uri: str, experiment: str, artifact_root: str) -> int:
+    """Replay run records into the MLflow store; a record already ingested is skipped.
+
+    Deleting the store and ingesting again rebuilds it from the files alone. Returns the number
+    of runs created.
+    """
+    import json
+
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=_absolute_uri(uri))
+    exp_id = init_store(uri, experiment, artifact_root)
+    created = 0
+    for path in sorted(Path(p).resolve() for p in records):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PasError(f"run record {str(path)!r} cannot be read: {e}") from None
+        key = f"{path}:{path.stat().st_mtime_ns}"
+        found = client.search_runs([exp_id], filter_string=f"tags.pas_record = '{key}'", max_results=1)
+        if found:
+            continue
+        _, run_id = _start_run(uri, experiment, artifact_root, rec["run_name"],
+                               {**rec["tags"], "pas_record": key}, rec["params"])
+        for row in rec["metrics"]:
+            _log_metrics(client, run_id, row["values"], row["step"])
+        for a in rec["artifacts"]:
+            if Path(a["path"]).exists():
+                client.log_artifact(run_id, a["path"], a["folder"])
+        client.set_terminated(run_id, "FINISHED")
+        created += 1
+    return created

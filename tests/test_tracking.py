@@ -1,0 +1,46 @@
+"""MLflow from plain files: run records are replayed into the store, and rebuild it when deleted."""
+import json
+import subprocess
+import sys
+
+import mlflow
+
+PAS = [sys.executable, "-m", "pas.cli"]
+
+
+def _runs(uri):
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("pas")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_records_rebuild_the_store(tmp_path):
+    common = ["--set", "backbone=repvgg_a0_mini", "--set", "dataset.max_train=500", "--set", "dataset.max_val=200",
+              "--set", "tracking.enabled=false", "--set", "tags.variant=u40", "--set", "search.target=40%"]
+    w = tmp_path / "pre.pt"
+    subprocess.run([*PAS, "pretrain", *common, "--set", "epochs=1", "--out-weights", str(w),
+                    "--out-metrics", str(tmp_path / "pre.json")], check=True, capture_output=True)
+    subprocess.run([*PAS, "prune", *common, "--set", "search.method=uniform", "--weights", str(w),
+                    "--out-masks", str(tmp_path / "u.json")], check=True, capture_output=True)
+    record = json.loads((tmp_path / "pre.run.json").read_text())
+    assert record["tags"]["stage"] == "pretrain" and record["params"]["optim.lr"] == "0.1"
+    assert not (tmp_path / "mlflow.db").exists()  # tracking off: files only
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    ingest = [*PAS, "tracking-ingest", str(tmp_path), "--uri", uri, "--artifact-root", str(tmp_path / "art")]
+    assert subprocess.run(ingest, check=True, capture_output=True, text=True).stdout.strip() == "2"
+    assert subprocess.run(ingest, check=True, capture_output=True, text=True).stdout.strip() == "0"  # idempotent
+    client, runs = _runs(uri)
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert sorted(by_stage) == ["pretrain", "prune"]
+    masks = json.loads((tmp_path / "u.json").read_text())
+    assert by_stage["prune"].data.metrics["macs"] == masks["macs"]
+    assert by_stage["prune"].data.tags["variant"] == "u40"
+    history = client.get_metric_history(by_stage["pretrain"].info.run_id, "top1")
+    assert [m.step for m in history] == [1]
+    assert [a.path for a in client.list_artifacts(by_stage["prune"].info.run_id)] == ["u.json"]
+
+    (tmp_path / "store" / "mlflow.db").unlink()
+    assert subprocess.run(ingest, check=True, capture_output=True, text=True).stdout.strip() == "2"
+    _, again = _runs(uri)
+    assert sorted(r.data.tags["stage"] for r in again) == ["pretrain", "prune"]
