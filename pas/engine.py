@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,9 @@ class Trainer:
                            f"delete it to start over") from None
         self.start_epoch = int(state["epoch"])
         self.history, self.metrics = list(state["history"]), list(state["metrics"])
+        if self.world.main:
+            print(f"resuming after epoch {self.start_epoch}/{self.epochs} from {self.state_path}",
+                  file=sys.stderr, flush=True)
         return True
 
     def save_state(self, epoch: int) -> None:
