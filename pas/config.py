@@ -25,7 +25,7 @@ SCHEMA: dict = {
     "workers": (int, 0, "data loader worker processes (image folders only)"),
     "amp": (bool, True, "mixed precision on CUDA (ignored on CPU)"),
     "channels_last": (bool, True, "channels_last memory format on CUDA (ignored on CPU)"),
-    "sync_bn": (bool, False, "synchronised BN across processes when distributed"),
+    "sync_bn": (bool, False, "synchronised BN across processes when distributed (CUDA only; ignored on CPU)"),
     "progress": ((bool, type(None)), None, "tqdm progress bars (None: only on a terminal)"),
     "dataset": {
         "name": (str, "animal_mnist", "animal_mnist | digits | cifar10 | cifar100 | imagenet | folder"),

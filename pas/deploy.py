@@ -51,6 +51,7 @@ def save_deployed(model: nn.Module, out_dir: str | Path, **extra) -> dict:
     try:
         save_arch(model.arch, tmp / "arch.json")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600
         export_onnx(model, tmp / "model.onnx")
         record = {"macs": int(model.arch.macs()), "params": int(model.arch.params()),
                   "widths": model.arch.searchable_widths(),

@@ -124,11 +124,13 @@ class Trainer:
             state = torch.load(self.state_path, map_location=self.world.device, weights_only=True)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            start, history, metrics = int(state["epoch"]), list(state["history"]), list(state["metrics"])
         except Exception as e:  # a state file we cannot use is not a reason to lose the run
-            raise PasError(f"training state {str(self.state_path)!r} cannot be resumed ({e}); "
-                           f"delete it to start over") from None
-        self.start_epoch = int(state["epoch"])
-        self.history, self.metrics = list(state["history"]), list(state["metrics"])
+            reason = " ".join(str(e).split())  # load_state_dict lists every key over several lines
+            reason = f"{type(e).__name__}: {reason[:200]}{'...' if len(reason) > 200 else ''}"
+            raise PasError(f"training state {str(self.state_path)!r} cannot be resumed ({reason}); "
+                           f"expected the state of this same run: delete it to start over") from None
+        self.start_epoch, self.history, self.metrics = start, history, metrics
         if self.world.main:
             print(f"resuming after epoch {self.start_epoch}/{self.epochs} from {self.state_path}",
                   file=sys.stderr, flush=True)

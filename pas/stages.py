@@ -57,7 +57,7 @@ def _model(cfg: dict, info, world):
     from pas.models import build
     model = build(cfg["backbone"], num_classes=info.num_classes, in_channels=info.in_channels,
                   resolution=info.resolution)
-    if world.size > 1 and cfg["sync_bn"]:
+    if world.size > 1 and cfg["sync_bn"] and world.device.type == "cuda":  # SyncBatchNorm is GPU-only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if world.device.type == "cuda" and cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -237,8 +237,8 @@ def prune(cfg: dict, *, weights: str, out_masks: str) -> dict:
     target = resolve_target(s["target"], model.arch, s["min_channels"])
     masks = run_prune(s["method"], model, target, tolerance=s["tolerance"], min_channels=s["min_channels"])
     record = _masks_record(model.arch, masks, target_macs=target, method=s["method"])
+    tracker = _tracker(cfg, "prune", world, out_masks)  # a store that fails, fails before any output
     atomic_write_json(out_masks, record)
-    tracker = _tracker(cfg, "prune", world, out_masks)
     tracker.metrics({"target_macs": target, "macs": record["macs"]})
     tracker.artifact(out_masks)
     tracker.finish(True)
@@ -294,8 +294,8 @@ def deploy(cfg: dict, *, weights: str, masks: str, out_dir: str) -> dict:
     x = torch.randn(2, info.in_channels, info.resolution, info.resolution)
     with torch.no_grad():
         err = float((model(x) - plain(x)).abs().max() / model(x).abs().max())
+    tracker = _tracker(cfg, "deploy", world, out_dir)  # a store that fails, fails before any output
     record = save_deployed(plain, out_dir, compact_rel_err=err)
-    tracker = _tracker(cfg, "deploy", world, out_dir)
     for name in ("arch.json", "deploy.json", "model.onnx"):
         tracker.artifact(Path(out_dir) / name, "deployed")
     tracker.metrics({"macs": record["macs"], "params": record["params"], "compact_rel_err": err})
@@ -311,15 +311,18 @@ def evaluate(cfg: dict, *, arch: str, weights: str, out: str) -> dict:
     world = _setup(cfg)
     _, val_loader, info = _data(cfg, world, augment=False)
     model = load_deployed(arch, weights)
-    if (model.arch.in_channels, model.arch.num_classes) != (info.in_channels, info.num_classes):
-        raise PasError(f"network {arch!r} takes {model.arch.in_channels} channels/{model.arch.num_classes} "
-                       f"classes, dataset {info.name!r} has {info.in_channels}/{info.num_classes}")
+    a = model.arch
+    if (a.in_channels, a.num_classes, a.resolution) != (info.in_channels, info.num_classes, info.resolution):
+        raise PasError(f"network {arch!r} takes {a.in_channels} channels/{a.num_classes} classes at "
+                       f"{a.resolution}x{a.resolution}, dataset {info.name!r} has {info.in_channels}/"
+                       f"{info.num_classes} at {info.resolution}x{info.resolution}; expected the dataset "
+                       f"the network was deployed for")
     e = cfg["evaluate"]
     result = evaluate_deployed(model, val_loader, batch_sizes=e["batch_sizes"], repeats=e["repeats"],
                                warmup=e["warmup"], threads=e["threads"])
     result.update(backbone=cfg["backbone"], **{k: v for k, v in cfg["tags"].items()})
+    tracker = _tracker(cfg, "evaluate", world, out)  # a store that fails, fails before any output
     atomic_write_json(out, result)
-    tracker = _tracker(cfg, "evaluate", world, out)
     tracker.metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
     tracker.artifact(out)
     tracker.finish(True)
@@ -437,5 +440,9 @@ def _tracking_ingest(args) -> int:
 
 def _tracking_init(args) -> int:
     from pas.tracking import init_store
-    print(init_store(args.uri, args.experiment, args.artifact_root))
+    try:
+        exp_id = init_store(args.uri, args.experiment, args.artifact_root)
+    except Exception as e:  # a store path under a file, a database that is not MLflow's, ...
+        raise PasError(f"MLflow store {args.uri!r} cannot be created: {str(e).splitlines()[0]}") from None
+    print(exp_id)
     return 0

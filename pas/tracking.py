@@ -101,8 +101,8 @@ class Tracker:
 def _start_run(uri: str, experiment: str, artifact_root: str, run_name: str, tags: dict, params: dict):
     import mlflow
     from mlflow.entities import Param
-    client = mlflow.MlflowClient(tracking_uri=_absolute_uri(uri))
-    try:
+    try:  # a store path under a file, an unreadable database, ...: one line, not a traceback
+        client = mlflow.MlflowClient(tracking_uri=_absolute_uri(uri))
         exp_id = init_store(uri, experiment, artifact_root)
     except Exception as e:
         raise PasError(f"MLflow store {uri!r} cannot be opened: {str(e).splitlines()[0]}") from None
