@@ -19,6 +19,7 @@ from pas.errors import PasError
 from pas.io import atomic_path, atomic_write_json
 
 STATE_SUFFIX = ".state.pt"
+_ACTIVE_TRACKERS: list = []  # closed as FAILED if the stage raises (an MLflow run is never left RUNNING)
 
 
 # -- shared set-up ---------------------------------------------------------------------------
@@ -92,7 +93,9 @@ def _tracker(cfg, stage: str, world, primary_output: str):
     name = f"{cfg['tags'].get('variant', cfg['backbone'])}/{stage}"
     p = Path(primary_output)
     record = p / "run.json" if p.suffix == "" else p.with_name(f"{p.stem}.run.json")
-    return Tracker(cfg, stage=stage, run_name=name, enabled=world.main, record_path=record)
+    tracker = Tracker(cfg, stage=stage, run_name=name, enabled=world.main, record_path=record)
+    _ACTIVE_TRACKERS.append(tracker)
+    return tracker
 
 
 def _masks_record(arch, masks, **extra) -> dict:
@@ -349,7 +352,12 @@ def _run(fn, *names):
         if args.nproc_per_node > 1 and "RANK" not in os.environ:
             return _launch_distributed(args.nproc_per_node)
         kwargs = {n: getattr(args, n) for n in names}
-        fn(cfg, **kwargs)
+        try:
+            fn(cfg, **kwargs)
+        except BaseException:
+            for tracker in _ACTIVE_TRACKERS:
+                tracker.finish(False)
+            raise
         return 0
     return handler
 

@@ -71,6 +71,7 @@ class Tracker:
                        "params": {k: str(v)[:6000] for k, v in flatten(cfg).items()},
                        "metrics": [], "artifacts": []}
         self.client = self.run_id = None
+        self.finished = False
         if self.enabled:
             t = cfg["tracking"]
             self.client, self.run_id = _start_run(t["uri"], t["experiment"], t["artifact_root"],
@@ -91,7 +92,11 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), folder)
 
     def finish(self, ok: bool = True) -> None:
-        if self.record_path and self.writer:
+        """Close the run; only a successful run leaves a record (a failed one is no result)."""
+        if self.finished:
+            return
+        self.finished = True
+        if ok and self.record_path and self.writer:
             from pas.io import atomic_write_json
             atomic_write_json(self.record_path, self.record)
         if self.enabled:
