@@ -1,0 +1,54 @@
+"""4. Pruning speed-up efficiency: (full / pruned latency) / (full / pruned MACs) per PaS variant.
+
+Reads the PaS variants a workflow run deployed (results/models/pas/*/deploy/arch.json) and times
+each plain network against the plain full backbone it was searched from, side by side, on the CPU.
+An efficiency of 1 means latency shrank exactly as much as MACs did.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import interleaved, verdict
+from pas.arch import load_arch
+from pas.models import arch_for, build_model
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", default="results")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=25)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    rows = []
+    archs = sorted(Path(a.results).glob("models/pas/*/deploy/arch.json"))
+    if not archs:
+        print(f"pruning efficiency: no deployed PaS variants under {a.results}/models/pas (run the workflow first)")
+    for path in archs:
+        variant = path.parent.parent.name
+        backbone = json.loads((path.parent.parent / "eval.json").read_text())["backbone"]
+        pruned_arch = load_arch(path)
+        full_arch = arch_for(backbone, num_classes=pruned_arch.num_classes, in_channels=pruned_arch.in_channels,
+                             resolution=pruned_arch.resolution)
+        full, pruned = build_model(full_arch, deploy=True).eval(), build_model(pruned_arch, deploy=True).eval()
+        macs_ratio = full_arch.macs() / pruned_arch.macs()
+        for b in a.batches:
+            x = torch.randn(b, full_arch.in_channels, full_arch.resolution, full_arch.resolution)
+            with torch.inference_mode():
+                t_full, t_pruned, ratio = interleaved(lambda: full(x), lambda: pruned(x), repeats=a.repeats)
+            efficiency = (1 / ratio) / macs_ratio
+            goal = verdict(efficiency, 0.8, at_most=False) if b >= 64 else "reported as measured"
+            print(f"{variant} ({backbone}): MACs {macs_ratio:.2f}x fewer, latency {1 / ratio:.2f}x lower at "
+                  f"batch {b} ({t_pruned * 1e3:.2f} vs {t_full * 1e3:.2f} ms): efficiency {efficiency:.2f}, {goal}")
+            rows.append({"benchmark": f"pruning efficiency {variant} (batch {b})", "ratio": efficiency,
+                         "goal": ">= 0.8" if b >= 64 else "-"})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
