@@ -44,6 +44,7 @@ SCHEMA: dict = {
         "schedule": (str, "cosine", "cosine | step | constant"),
         "milestones": (list, [0.5, 0.75], "step schedule: fractions of the epochs"),
         "gamma": (float, 0.1, "step schedule: factor at each milestone"),
+        "gate_lr_scale": (float, 1.0, "lr of the DBC gate weights relative to the network's (search)"),
     },
     "search": {
         "target": ((str, int, float), "50%", "MACs target: '1.36G', '2.5M', '40%', 0.4 or an integer"),
