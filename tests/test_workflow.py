@@ -1,0 +1,353 @@
+"""The Snakemake workflow, run for real: the tiny config's whole DAG once (module fixture), then
+numbers from its table, plots, MLflow store (directly and through `mlflow server`'s REST API);
+`--lint`; a dry run of the paper config; reruns after a config edit; bad configs stopped before
+any job with one line naming the key.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pas.models
+from pas.search import resolve_target
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
+TINY = ROOT / "config" / "test.yaml"
+DEFAULT = ROOT / "config" / "config.yaml"  # `configfile:` is relative to the working directory
+TINY_SHAPE = dict(num_classes=10, in_channels=1, resolution=28)  # animal-mnist
+STAGES = ("pretrain", "search", "prune", "finetune", "deploy", "evaluate")
+PLOTS = ("widths", "accuracy_latency", "accuracy_macs", "gates", "search_macs")
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed")]
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real snakemake on the repository's Snakefile, working in `workdir`; `pas` first on PATH."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
+
+
+def tiny_config() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def expected_rows(cfg: dict) -> set[tuple[str, str]]:
+    """(method, model column) of every table row the tiny config asks for."""
+    rows = {("pas", v["name"]) for v in cfg["variants"]}
+    rows |= {(m, f"{m}@{v['name']}") for m in cfg["baselines"]["methods"] for v in cfg["variants"]}
+    rows |= {("full", b) for b in dict.fromkeys(v["backbone"] for v in cfg["variants"])}
+    rows |= {("scratch", n) for n in cfg["references"]["scratch"]}
+    return rows
+
+
+def dry_run_jobs(output: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job a dry run (-n) lists."""
+    jobs = []
+    for m in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n?)*)", output, re.M):
+        wc = re.search(r"^    wildcards: (.*)$", m.group(2), re.M)
+        pairs = dict(p.split("=", 1) for p in wc.group(1).split(", ")) if wc else {}
+        jobs.append((m.group(1), pairs))
+    return jobs
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run."""
+    table = output.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
+            if m.group(1) != "total"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """The tiny config's whole DAG, run once with 2 cores; the working directory it ran in."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    t0 = time.perf_counter()
+    result = snakemake(workdir, "--configfile", str(TINY), "--cores", "2", timeout=1200)
+    wall = time.perf_counter() - t0
+    if result.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-1500:]}" for p in workdir.glob("results/**/logs/*.log"))
+        pytest.fail(f"tiny run failed (rc {result.returncode}):\n{result.stderr[-4000:]}\n{logs[-6000:]}")
+    (workdir / "wall_seconds.txt").write_text(f"{wall:.1f}\n")
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def table(tiny_run) -> list[dict]:
+    with open(tiny_run / "results" / "tables" / "main.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# -- the tiny run's results ------------------------------------------------------------------
+
+def test_table_has_one_row_per_method_and_network(tiny_run, table):
+    assert len(table) == len(expected_rows(tiny_config()))
+    assert {(r["method"], r["model"]) for r in table} == expected_rows(tiny_config())
+    md = (tiny_run / "results" / "tables" / "main.md").read_text().splitlines()
+    tex = (tiny_run / "results" / "tables" / "main.tex").read_text()
+    assert sum(1 for line in md if line.startswith("| ") and "---" not in line) == len(table) + 1  # + heading
+    assert tex.count("\\\\") == len(table) + 1
+    assert "\\begin{tabular}" in tex and "\\end{tabular}" in tex
+
+
+def test_targets_match_the_config_and_achieved_macs_are_within_one_percent(table):
+    cfg = tiny_config()
+    targets = {v["name"]: (v["backbone"], v["target"]) for v in cfg["variants"]}
+    pruned = [r for r in table if r["method"] not in ("full", "scratch")]
+    assert len(pruned) == len(targets) * (1 + len(cfg["baselines"]["methods"]))
+    for r in pruned:
+        backbone, target = targets[r["model"].split("@")[-1]]
+        assert r["backbone"] == backbone
+        arch = pas.models.arch_for(backbone, **TINY_SHAPE)
+        expected = resolve_target(target, arch)
+        assert int(float(r["target_macs"])) == expected
+        macs = int(float(r["macs"]))
+        assert expected * 0.99 <= macs <= expected, r
+        # the MACs of the deployed network are the MACs of its widths, and ptflops agrees on them
+        widths = [int(w) for w in r["widths"].split()]
+        assert macs == arch.macs(widths)
+        assert int(float(r["macs_ptflops"])) == macs
+
+
+def test_reference_rows_are_the_full_networks(table):
+    for r in table:
+        if r["method"] in ("full", "scratch"):
+            arch = pas.models.arch_for(r["model"], **TINY_SHAPE)
+            assert int(float(r["macs"])) == arch.macs()
+            assert int(float(r["params"])) == arch.params()
+            assert [int(w) for w in r["widths"].split()] == arch.searchable_widths()
+            assert r["target_macs"] == ""
+
+
+def test_accuracy_latency_and_wall_times_are_in_range(table):
+    for r in table:
+        top1, top5 = float(r["top1"]), float(r["top5"])
+        assert 0.0 <= top1 <= top5 <= 100.0
+        assert r["latency_device"] in ("cpu", "cuda")
+        for b in (1, 64):
+            ms, ips = float(r[f"latency_ms_b{b}"]), float(r[f"throughput_b{b}"])
+            assert ms > 0 and ips == pytest.approx(b / (ms / 1000), rel=1e-6)
+        assert float(r["finetune_s"] or r["train_s"]) > 0
+        if r["method"] == "pas":
+            assert float(r["search_s"]) > 0
+
+
+def test_plots_are_written_as_png_and_pdf(tiny_run):
+    for name in PLOTS:
+        png = (tiny_run / "results" / "plots" / f"{name}.png").read_bytes()
+        pdf = (tiny_run / "results" / "plots" / f"{name}.pdf").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+        assert pdf.startswith(b"%PDF") and len(pdf) > 2000
+
+
+def test_every_rule_logged_and_benchmarked(tiny_run):
+    for log in tiny_run.glob("results/**/logs/*.log"):
+        assert "Traceback" not in log.read_text(), log
+    benchmarks = list(tiny_run.glob("results/**/logs/*.benchmark.tsv"))
+    # every job but full_masks (a few-millisecond local step): tracking_init 1, pretrain 2,
+    # train_scratch 1, search 2, prune 6, finetune 8, reparameterize 11, evaluate 11, tables 1, plots 1
+    assert len(benchmarks) == 44
+    for b in benchmarks:
+        header, row = b.read_text().splitlines()[:2]
+        assert header.split("\t")[0] == "s" and float(row.split("\t")[0]) >= 0
+
+
+def test_mlflow_has_one_run_per_stage_and_network(tiny_run):
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("pas")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_stage: dict[str, list] = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags["stage"], []).append(run)
+    cfg = tiny_config()
+    rows = expected_rows(cfg)
+    n_variants, n_methods = len(cfg["variants"]), len(cfg["baselines"]["methods"])
+    assert {s: len(v) for s, v in by_stage.items()} == {
+        "pretrain": 2 + len(cfg["references"]["scratch"]), "search": n_variants,
+        "prune": n_variants * n_methods, "finetune": n_variants * (1 + n_methods),
+        "deploy": len(rows), "evaluate": len(rows)}
+    assert all(run.info.status == "FINISHED" for run in runs)
+    for run in by_stage["evaluate"]:
+        tags = run.data.tags
+        d = tiny_run / "results" / "models" / tags["method"] / tags["model"]
+        result = json.loads((d / "eval.json").read_text())
+        assert run.data.metrics["top1"] == pytest.approx(result["top1"])
+        assert run.data.metrics["macs"] == result["macs"]
+    for run in by_stage["search"]:
+        masks = json.loads((tiny_run / "results" / "models" / "pas" / run.data.tags["model"] / "search" /
+                            "masks.json").read_text())
+        assert run.data.metrics["target_macs"] == masks["target_macs"] >= masks["macs"]
+
+
+def test_a_second_run_has_nothing_to_do(tiny_run):
+    result = snakemake(tiny_run, "-n", "--configfile", str(TINY), "--cores", "2")
+    assert result.returncode == 0, result.stderr
+    assert dry_run_jobs(result.stdout + result.stderr) == []
+
+
+def test_changing_one_target_reruns_only_that_variants_jobs(tiny_run):
+    cfg = tiny_config()
+    cfg["variants"][0]["target"] = "40%"
+    edited = tiny_run / "edited.yaml"
+    edited.write_text(yaml.safe_dump(cfg, sort_keys=True))  # key order differs from test.yaml: no change
+    result = snakemake(tiny_run, "-n", "--configfile", str(edited), "--cores", "2")
+    assert result.returncode == 0, result.stderr
+    jobs = dry_run_jobs(result.stdout + result.stderr)
+    name = cfg["variants"][0]["name"]
+    per_model = sorted(rule for rule, wc in jobs if wc)
+    n = len(cfg["baselines"]["methods"])
+    # its search, its baselines' masks at the new target, and everything downstream of them
+    assert per_model == sorted(["search"] + ["prune"] * n + ["finetune", "reparameterize", "evaluate"] * (1 + n))
+    assert {wc["model"] for _, wc in jobs if wc} == {name}
+    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "plots", "tables"]
+
+
+def test_report_is_one_html_file(tiny_run):
+    report = tiny_run / "results" / "report.html"
+    result = snakemake(tiny_run, "--configfile", str(TINY), "--report", str(report))
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = report.read_text(errors="replace")
+    assert len(html) > 100_000 and "main.csv" in html and "accuracy_latency.png" in html
+
+
+def test_mlflow_server_serves_every_stage_with_metrics_and_artifacts(tiny_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tiny_run / "results" / "mlflow.db"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tiny_run)
+    base = f"http://127.0.0.1:{port}"
+
+    def call(path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read() or b"{}")
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                assert server.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server not ready after 60 s"
+                time.sleep(0.5)
+        exp = call("/api/2.0/mlflow/experiments/get-by-name?experiment_name=pas")["experiment"]
+        runs = call("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                    "max_results": 1000})["runs"]
+        expected_metric = {"pretrain": "final_top1", "search": "target_macs", "prune": None,
+                           "finetune": "final_top1", "deploy": "macs", "evaluate": "top1"}
+        expected_artifact = {"pretrain": "metrics.json", "search": "history.json", "finetune": "metrics.json",
+                             "deploy": "deployed", "evaluate": "eval.json", "prune": None}
+        seen = set()
+        for run in runs:
+            tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+            stage = tags["stage"]
+            seen.add(stage)
+            metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+            if expected_metric[stage]:
+                assert expected_metric[stage] in metrics, (stage, sorted(metrics))
+            if expected_artifact[stage]:
+                listed = call(f"/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
+                names = {Path(f["path"]).name for f in listed.get("files", [])}
+                assert expected_artifact[stage] in names, (stage, names)
+        assert seen == set(STAGES)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
+# -- without running jobs --------------------------------------------------------------------
+
+def test_schema_defaults_are_the_default_config():
+    from snakemake.utils import validate
+    filled: dict = {}
+    validate(filled, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    assert filled == yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
+def test_lint_passes(tmp_path):
+    result = snakemake(tmp_path, "--lint", "--configfile", str(DEFAULT))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_default_dag(tmp_path):
+    result = snakemake(tmp_path, "-n", "--configfile", str(DEFAULT))
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout) == {
+        "tracking_init": 1, "pretrain": 2, "search": 6, "prune": 18, "finetune": 24, "full_masks": 4,
+        "train_scratch": 2, "reparameterize": 28, "evaluate": 28, "tables": 1, "plots": 1, "all": 1}
+
+
+def test_paper_config_dry_run_needs_no_data(tmp_path):
+    result = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "config" / "paper.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["search"] == 6 and counts["finetune"] == 24 and counts["train_scratch"] == 5
+    assert "--set dataset.name=imagenet" in result.stdout and "--nproc-per-node 8" in result.stdout
+    assert "--import /path/to/RepVGG-B1-train.pth" in result.stdout
+
+
+def _bad(cfg_edit) -> dict:
+    cfg = copy.deepcopy(tiny_config())
+    cfg_edit(cfg)
+    return cfg
+
+
+def _set(path, value):
+    def edit(cfg):
+        node = cfg
+        for key in path[:-1]:
+            node = node[key] if isinstance(node, list) else node.setdefault(key, {})
+        node[path[-1]] = value
+    return edit
+
+
+BAD_CONFIGS = {
+    "variants[0].backbone": _set(["variants", 0, "backbone"], "resnet9000"),
+    "variants[1].target": _set(["variants", 1, "target"], "2M"),  # mobilenetv2_mini_035: 1.55M
+    "variants[1].name": _set(["variants", 1, "name"], "PaS-A"),
+    "dataset.root": lambda cfg: cfg["dataset"].update(name="cifar10", root="/nonexistent/cifar"),
+    "finetune.epochs": _set(["finetune", "epochs"], "ten"),
+    "search.alhpa": _set(["search", "alhpa"], 1.0),
+    "references.scratch[0]": _set(["references", "scratch"], ["resnet9000"]),
+}
+
+
+@pytest.mark.parametrize("key", sorted(BAD_CONFIGS))
+def test_bad_config_stops_before_any_job_naming_the_key(tmp_path, key):
+    cfg = _bad(BAD_CONFIGS[key])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, "--configfile", str(path), "--cores", "1", timeout=120)  # a real run
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"config error: {key}: "), out[-2000:]
+    assert "Traceback" not in out and "Error in rule" not in out
+    assert not (tmp_path / "results").exists()  # no job ran

@@ -1,0 +1,69 @@
+# Baselines and reference rows. Each baseline prunes the SAME pretrained network to the SAME target as
+# a PaS variant (uniform width, BN-gamma or L1 magnitude), then goes through the same finetune ->
+# reparameterize -> evaluate rules (train.smk) with the same fine-tune budget. Reference rows: the full
+# backbones as pretrained (deployed with all-ones masks, not fine-tuned further) and smaller family
+# members trained from scratch for the PaS pipeline's whole epoch budget.
+
+
+rule prune:
+    """Baseline masks at a variant's target, from the pretrained backbone (`pas prune`)."""
+    input:
+        weights=search_weights,
+    output:
+        masks="results/models/{method}/{model}/masks.json",
+    log:
+        "results/models/{method}/{model}/logs/prune.log",
+    benchmark:
+        "results/models/{method}/{model}/logs/prune.benchmark.tsv"
+    wildcard_constraints:
+        method=alternatives(BASELINE_METHODS),
+    params:
+        stage=prune_flags,
+    threads: LIGHT_THREADS
+    resources:
+        **LIGHT_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas prune {params.stage} --set threads={threads} --weights {input.weights} "
+        "--out-masks {output.masks} > {log} 2>&1"
+
+
+rule full_masks:
+    """All-ones masks, so a reference network deploys through the same fuse + compact path."""
+    output:
+        masks="results/models/{method}/{model}/masks.json",
+    log:
+        "results/models/{method}/{model}/logs/full_masks.log",
+    wildcard_constraints:
+        method="full|scratch",
+    params:
+        dataset=dataset_flags,
+    threads: 1
+    resources:
+        **LIGHT_RESOURCES,
+    run:
+        write_full_masks(output.masks, wildcards.model, log[0])
+
+
+rule train_scratch:
+    """A smaller family member from scratch, for pretrain + search + finetune epochs in all."""
+    input:
+        tracking=tracking_marker,
+    output:
+        weights="results/models/scratch/{model}/train/weights.pt",
+        metrics="results/models/scratch/{model}/train/metrics.json",
+    log:
+        "results/models/scratch/{model}/logs/train_scratch.log",
+    benchmark:
+        "results/models/scratch/{model}/logs/train_scratch.benchmark.tsv"
+    params:
+        stage=scratch_flags,
+    threads: TRAIN_THREADS
+    resources:
+        **TRAIN_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas pretrain {params.stage} --set threads={threads} --nproc-per-node {resources.nproc_per_node} "
+        "--out-weights {output.weights} --out-metrics {output.metrics} > {log} 2>&1"

@@ -1,0 +1,116 @@
+# Config checks that stop a run before any job, with one line naming the key. Included by the
+# Snakefile before `validate` (which fills the defaults) and before the rules.
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+import pas.models
+from pas.errors import PasError
+from pas.search import resolve_target
+
+# Shape of each dataset's images (in_channels, num_classes, side); `folder` is read from its root.
+DATASET_SHAPES = {"animal_mnist": (1, 10, 28), "digits": (1, 10, 8), "cifar10": (3, 10, 32),
+                  "cifar100": (3, 100, 32), "imagenet": (3, 1000, 224)}
+DATASETS_WITH_ROOT = ("cifar10", "cifar100", "imagenet", "folder")
+
+
+def config_error(key, message):
+    """Stop with one line. Snakemake prints a raised WorkflowError with a file/line header and a
+    traceback line; a SystemExit message is printed alone, on one line."""
+    raise SystemExit(f"config error: {key}: {message}")
+
+
+def check_schema(cfg, basedir, schema_path):
+    """Wrong types and unknown keys, named by their dotted path (Snakemake's `validate` prints
+    the whole schema excerpt over many lines)."""
+    schema = yaml.safe_load((Path(basedir) / schema_path).read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = list(validator.iter_errors(cfg))
+    if errors:
+        e = jsonschema.exceptions.best_match(errors)
+        key = config_key(e.absolute_path)
+        if e.validator == "additionalProperties":
+            extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+            config_error(config_key([*e.absolute_path, extra[0]]), f"unknown key; expected one of "
+                                                f"{', '.join(sorted(e.schema.get('properties', {})))}")
+        config_error(key, e.message)
+
+
+def config_key(path):
+    """('variants', 0, 'target') -> 'variants[0].target'."""
+    key = ""
+    for part in path:
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+    return key or "(top level)"
+
+
+def dataset_shape(cfg):
+    """(in_channels, num_classes, resolution) of the configured dataset, or None if unknown yet
+    (a `folder` dataset whose root is not there: the data check reports it before a real run)."""
+    d = cfg["dataset"]
+    if d["name"] in DATASET_SHAPES:
+        channels, classes, side = DATASET_SHAPES[d["name"]]
+        return channels, classes, d["resize"] or side
+    train = Path(str(d["root"])) / "train"
+    if d["root"] is None or not train.is_dir() or d["resize"] is None:
+        return None
+    classes = sum(1 for e in train.iterdir() if e.is_dir())
+    return d["in_channels"] or 3, classes, d["resize"]
+
+
+def network_arch(cfg, backbone):
+    shape = dataset_shape(cfg)
+    if shape is None:
+        return None
+    channels, classes, side = shape
+    return pas.models.arch_for(backbone, num_classes=classes, in_channels=channels, resolution=side)
+
+
+def check_config(cfg):
+    """What the schema cannot say: registered names, reachable targets, unique names."""
+    known = pas.models.names()
+    seen = set()
+    for i, v in enumerate(cfg["variants"]):
+        key = f"variants[{i}]"
+        if v["name"] in seen:
+            config_error(f"{key}.name", f"variant name {v['name']!r} is used more than once; names must be unique")
+        seen.add(v["name"])
+        if v["backbone"] not in known:
+            config_error(f"{key}.backbone", f"unknown backbone {v['backbone']!r}; known: {', '.join(known)}")
+        try:
+            arch = network_arch(cfg, v["backbone"])
+        except PasError as e:
+            config_error(f"{key}.backbone", f"{e} (dataset {cfg['dataset']['name']}, resize {cfg['dataset']['resize']})")
+        try:
+            if arch is not None:
+                resolve_target(v["target"], arch, cfg["search"]["min_channels"])
+        except PasError as e:
+            config_error(f"{key}.target", f"{v['name']} on {v['backbone']}: {e}")
+    scratch = cfg["references"]["scratch"]
+    for i, name in enumerate(scratch):
+        if name not in known:
+            config_error(f"references.scratch[{i}]", f"unknown network {name!r}; known: {', '.join(known)}")
+        if name in scratch[:i]:
+            config_error(f"references.scratch[{i}]", f"{name!r} is listed more than once")
+    searched = {v["backbone"] for v in cfg["variants"]}
+    for backbone in cfg["pretrain"]["weights"]:
+        if backbone not in searched:
+            config_error(f"pretrain.weights.{backbone}", f"no variant uses backbone {backbone!r}")
+
+
+def check_data_paths(cfg):
+    """Paths that must exist to run: checked in `onstart`, i.e. only for a real run, so a dry run
+    of config/paper.yaml works on a machine without ImageNet."""
+    d = cfg["dataset"]
+    if d["name"] in DATASETS_WITH_ROOT:
+        if d["root"] is None:
+            config_error("dataset.root", f"dataset {d['name']!r} needs a root folder; set dataset.root")
+        if not Path(d["root"]).is_dir():
+            config_error("dataset.root", f"folder {d['root']!r} does not exist")
+    for backbone, path in cfg["pretrain"]["weights"].items():
+        if path is not None and not Path(path).is_file():
+            config_error(f"pretrain.weights.{backbone}", f"checkpoint {path!r} does not exist")
+
+

@@ -1,0 +1,261 @@
+# Helpers shared by the rules: the models the workflow builds, input functions, each stage's config
+# slice as `--set` flags, resources, wildcard constraints. No rule lives here. Included after the
+# config has been checked and its defaults filled (see the Snakefile and checks.smk).
+#
+# Each job gets only the slice of the config its stage needs (as its `stage` param), so an edit
+# to one variant reruns that variant's jobs and nothing else; the resolved stage config of every run
+# is stored with it in MLflow (params) and its flags in the job's log header.
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from pas.io import atomic_write_json
+
+RESULTS = "results"
+BASELINE_METHODS = ("uniform", "bn_gamma", "l1")
+# Software of every shell rule with --use-conda; pip installs pas from PAS_SOURCE (see the env file).
+PAS_ENV = "../envs/pas.yaml"
+os.environ.setdefault("PAS_SOURCE", str(Path(workflow.basedir).resolve()))
+
+
+# -- what the workflow builds ---------------------------------------------------------------
+
+def variants():
+    return {v["name"]: v for v in config["variants"]}
+
+
+def backbones():
+    """The searched backbones, in first-use order."""
+    return list(dict.fromkeys(v["backbone"] for v in config["variants"]))
+
+
+def models():
+    """(method, model) of every row of the results table."""
+    rows = [("pas", name) for name in variants()]
+    rows += [(m, name) for m in config["baselines"]["methods"] for name in variants()]
+    if config["references"]["full"]:
+        rows += [("full", b) for b in backbones()]
+    rows += [("scratch", n) for n in config["references"]["scratch"]]
+    return rows
+
+
+def model_backbone(method, model):
+    return model if method in ("full", "scratch") else variants()[model]["backbone"]
+
+
+def model_dir(method, model):
+    return f"{RESULTS}/models/{method}/{model}"
+
+
+def alternatives(names):
+    return "|".join(re.escape(n) for n in names) or "^$"
+
+
+# -- input functions -------------------------------------------------------------------------
+
+def tracking_marker(wildcards=None):
+    """Every stage that logs to MLflow waits for the store to exist (created once, no race)."""
+    return f"{RESULTS}/mlflow/experiment.txt" if config["tracking"]["enabled"] else []
+
+
+def search_weights(wildcards):
+    return f"{RESULTS}/pretrain/{variants()[wildcards.model]['backbone']}/weights.pt"
+
+
+def finetune_start(wildcards):
+    """PaS fine-tunes the searched weights; the baselines start from the pretrained network."""
+    if wildcards.method == "pas":
+        return f"{model_dir('pas', wildcards.model)}/search/weights.pt"
+    return search_weights(wildcards)
+
+
+def model_masks(wildcards):
+    if wildcards.method == "pas":
+        return f"{model_dir('pas', wildcards.model)}/search/masks.json"
+    return f"{model_dir(wildcards.method, wildcards.model)}/masks.json"
+
+
+def deploy_weights(wildcards):
+    """Fine-tuned weights; the full backbone as pretrained; a scratch member as trained."""
+    if wildcards.method == "full":
+        return f"{RESULTS}/pretrain/{wildcards.model}/weights.pt"
+    if wildcards.method == "scratch":
+        return f"{model_dir('scratch', wildcards.model)}/train/weights.pt"
+    return f"{model_dir(wildcards.method, wildcards.model)}/finetune/weights.pt"
+
+
+# -- stage config slices as --set flags --------------------------------------------------------
+
+def set_flags(values, prefix=""):
+    """{'optim': {'lr': 0.1}} -> "--set optim.lr=0.1"; every value written as YAML, shell-quoted.
+    `tags` is one free-form mapping in the stage config: it goes as one flag (`--set tags={...}`),
+    since each `--set tags.KEY=...` would replace the mapping the previous one set."""
+    flags = []
+    for key, value in sorted(values.items()):  # canonical: the order of keys in a config file is no change
+        if isinstance(value, dict) and key != "tags":
+            flags.append(set_flags(value, f"{prefix}{key}."))
+        else:
+            flags.append(f"--set {shlex.quote(f'{prefix}{key}={yaml_value(value)}')}")
+    return " ".join(f for f in flags if f)
+
+
+def yaml_value(value):
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text[:-len("\n...")].strip() if text.endswith("\n...") else text
+
+
+def common_slice(backbone, tags):
+    """Keys every stage reads: dataset, run-wide settings, MLflow, backbone, tags."""
+    return {"backbone": backbone, **config["training"], "progress": False, "dataset": config["dataset"],
+            "tracking": config["tracking"], "tags": tags}
+
+
+def tags_for(method, model):
+    """MLflow tags of every run of one row; `variant` names the row (and the MLflow run)."""
+    reference = method in ("full", "scratch")
+    name = model if method == "pas" or reference else f"{method}@{model}"
+    target = "full" if reference else str(variants()[model]["target"])
+    return {"variant": name, "model": model, "method": method, "target": target}
+
+
+def training_slice(section, epochs=None):
+    s = config[section]
+    return {"epochs": s["epochs"] if epochs is None else epochs, "batch_size": s["batch_size"], "optim": s["optim"]}
+
+
+def pretrain_flags(wildcards):
+    b = wildcards.backbone
+    return set_flags({**common_slice(b, {"variant": b, "model": b, "method": "pretrain"}),
+                      **training_slice("pretrain")})
+
+
+def scratch_flags(wildcards):
+    """A smaller family member trained from scratch with the PaS pipeline's whole epoch budget."""
+    epochs = sum(config[s]["epochs"] for s in ("pretrain", "search", "finetune"))
+    return set_flags({**common_slice(wildcards.model, tags_for("scratch", wildcards.model)),
+                      **training_slice("pretrain", epochs)})
+
+
+def pretrain_import(wildcards):
+    path = config["pretrain"]["weights"].get(wildcards.backbone)
+    return f"--import {shlex.quote(path)}" if path else ""
+
+
+def search_flags(wildcards):
+    v, s = variants()[wildcards.model], config["search"]
+    search = {k: s[k] for k in ("alpha", "min_channels", "tolerance", "history_every")}
+    return set_flags({**common_slice(v["backbone"], tags_for("pas", wildcards.model)),
+                      **training_slice("search"), "search": {**search, "target": v["target"]}})
+
+
+def prune_flags(wildcards):
+    v, s = variants()[wildcards.model], config["search"]
+    return set_flags({**common_slice(v["backbone"], tags_for(wildcards.method, wildcards.model)),
+                      "search": {"method": wildcards.method, "target": v["target"],
+                                 "min_channels": s["min_channels"], "tolerance": s["tolerance"]}})
+
+
+def finetune_flags(wildcards):
+    backbone = model_backbone(wildcards.method, wildcards.model)
+    return set_flags({**common_slice(backbone, tags_for(wildcards.method, wildcards.model)),
+                      **training_slice("finetune")})
+
+
+def deploy_flags(wildcards):
+    backbone = model_backbone(wildcards.method, wildcards.model)
+    return set_flags(common_slice(backbone, tags_for(wildcards.method, wildcards.model)))
+
+
+def evaluate_flags(wildcards):
+    backbone = model_backbone(wildcards.method, wildcards.model)
+    return set_flags({**common_slice(backbone, tags_for(wildcards.method, wildcards.model)),
+                      "evaluate": config["evaluate"]})
+
+
+def dataset_flags(wildcards=None):
+    """The dataset slice (the masks' shape depends on it), canonical like every stage's flags."""
+    return set_flags({"dataset": config["dataset"]})
+
+
+def write_full_masks(path, backbone, log):
+    """All-ones masks: a reference network deploys through the same fuse + compact path."""
+    arch = network_arch(config, backbone)
+    widths = arch.searchable_widths()
+    atomic_write_json(path, {"family": arch.family, "widths": widths, "full_widths": widths,
+                             "full_macs": int(arch.macs()), "macs": int(arch.macs()),
+                             "masks": [[1] * w for w in widths], "method": "full"})
+    Path(log).write_text(f"{backbone}: all-ones masks, widths {widths}, {int(arch.macs())} MACs\n")
+
+
+# -- resources ---------------------------------------------------------------------------------
+
+def train_resources():
+    """SLURM asks for GPUs by `gpu` (--gpus) or `gres` (--gres=gpu:N), as configured; `nproc_per_node`
+    is the number of training processes (one per GPU): a resource, not a param, because it does not
+    change a job's results and must not trigger a rerun."""
+    r = config["resources"]["train"]
+    gpus, request = r["gpus"], config["resources"]["gpu_request"]
+    return {"runtime": r["runtime"], "mem_mb": r["mem_mb"], "cpus_per_task": r["threads"],
+            "gpu": gpus if request == "gpu" else 0,
+            "gres": f"gpu:{gpus}" if request == "gres" and gpus else "",
+            "nproc_per_node": max(1, gpus)}
+
+
+def light_resources():
+    r = config["resources"]["light"]
+    return {"runtime": r["runtime"], "mem_mb": r["mem_mb"], "cpus_per_task": r["threads"]}
+
+
+# Evaluated once the config is complete: rules read these at definition time.
+TRAIN_RESOURCES = train_resources()
+LIGHT_RESOURCES = light_resources()
+TRAIN_THREADS = config["resources"]["train"]["threads"]
+LIGHT_THREADS = config["resources"]["light"]["threads"]
+EVAL_THREADS = max(LIGHT_THREADS, config["evaluate"]["threads"])
+
+
+wildcard_constraints:
+    backbone=alternatives(backbones()),
+    model=alternatives([*variants(), *backbones(), *config["references"]["scratch"]]),
+
+
+# -- report inputs -------------------------------------------------------------------------------
+
+def table_rows(wildcards=None):
+    """One `--row` per network, naming the files `pas tables` reads for it."""
+    rows = []
+    for method, model in models():
+        d = model_dir(method, model)
+        files = {"eval": f"{d}/eval.json"}
+        if method == "pas":
+            files.update(masks=f"{d}/search/masks.json", search=f"{d}/search/metrics.json",
+                         finetune=f"{d}/finetune/metrics.json")
+        elif method == "full":
+            files["train"] = f"{RESULTS}/pretrain/{model}/metrics.json"
+        elif method == "scratch":
+            files["train"] = f"{d}/train/metrics.json"
+        else:
+            files.update(masks=f"{d}/masks.json", finetune=f"{d}/finetune/metrics.json")
+        rows.append(files)
+    return rows
+
+
+def table_files(wildcards=None):
+    return [path for row in table_rows() for path in row.values()]
+
+
+def table_flags(wildcards=None):
+    specs = (",".join(f"{k}={v}" for k, v in row.items()) for row in table_rows())
+    return " ".join(f"--row {shlex.quote(spec)}" for spec in specs)
+
+
+def history_files(wildcards=None):
+    return [f"{model_dir('pas', name)}/search/history.json" for name in variants()]
+
+
+def history_flags(wildcards=None):
+    return " ".join(f"--history {shlex.quote(f'{name}={path}')}" for name, path in zip(variants(), history_files()))

@@ -1,0 +1,159 @@
+# The PaS chain: tracking_init -> pretrain(backbone) -> search(variant) -> finetune -> reparameterize
+# -> evaluate. finetune, reparameterize and evaluate also serve the baselines and reference rows
+# ({method} = pas, uniform, bn_gamma, l1, full, scratch), so every row goes through the same code.
+
+
+rule tracking_init:
+    """Create the MLflow store and experiment once, before jobs write to it in parallel."""
+    output:
+        marker="results/mlflow/experiment.txt",
+    log:
+        "results/mlflow/logs/tracking_init.log",
+    benchmark:
+        "results/mlflow/logs/tracking_init.benchmark.tsv"
+    params:
+        uri=lookup(dpath="tracking/uri", within=config),
+        experiment=lookup(dpath="tracking/experiment", within=config),
+        artifact_root=lookup(dpath="tracking/artifact_root", within=config),
+    threads: 1
+    resources:
+        **LIGHT_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas tracking-init --uri {params.uri:q} --experiment {params.experiment:q} "
+        "--artifact-root {params.artifact_root:q} > {output.marker} 2> {log}"
+
+
+rule pretrain:
+    """Train the full training-form backbone (or import a checkpoint: pretrain.weights)."""
+    input:
+        tracking=tracking_marker,
+    output:
+        weights="results/pretrain/{backbone}/weights.pt",
+        metrics="results/pretrain/{backbone}/metrics.json",
+    log:
+        "results/pretrain/{backbone}/logs/pretrain.log",
+    benchmark:
+        "results/pretrain/{backbone}/logs/pretrain.benchmark.tsv"
+    params:
+        stage=pretrain_flags,
+        checkpoint=pretrain_import,
+    threads: TRAIN_THREADS
+    resources:
+        **TRAIN_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas pretrain {params.stage} {params.checkpoint} --set threads={threads} --nproc-per-node {resources.nproc_per_node} "
+        "--out-weights {output.weights} --out-metrics {output.metrics} > {log} 2>&1"
+
+
+rule search:
+    """PaS: DBC gates and weights trained on CE + MACs penalty towards the variant's target."""
+    input:
+        tracking=tracking_marker,
+        weights=search_weights,
+    output:
+        weights="results/models/pas/{model}/search/weights.pt",
+        masks="results/models/pas/{model}/search/masks.json",
+        history="results/models/pas/{model}/search/history.json",
+        metrics="results/models/pas/{model}/search/metrics.json",
+    log:
+        "results/models/pas/{model}/logs/search.log",
+    benchmark:
+        "results/models/pas/{model}/logs/search.benchmark.tsv"
+    params:
+        stage=search_flags,
+    threads: TRAIN_THREADS
+    resources:
+        **TRAIN_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas search {params.stage} --set threads={threads} --nproc-per-node {resources.nproc_per_node} --weights {input.weights} "
+        "--out-weights {output.weights} --out-masks {output.masks} --out-history {output.history} "
+        "--out-metrics {output.metrics} > {log} 2>&1"
+
+
+rule finetune:
+    """Gates frozen at the masks (PaS or a baseline's), CE only, the same budget for every method."""
+    input:
+        tracking=tracking_marker,
+        weights=finetune_start,
+        masks=model_masks,
+    output:
+        weights="results/models/{method}/{model}/finetune/weights.pt",
+        metrics="results/models/{method}/{model}/finetune/metrics.json",
+    log:
+        "results/models/{method}/{model}/logs/finetune.log",
+    benchmark:
+        "results/models/{method}/{model}/logs/finetune.benchmark.tsv"
+    wildcard_constraints:
+        method=alternatives(["pas", *BASELINE_METHODS]),
+    params:
+        stage=finetune_flags,
+    threads: TRAIN_THREADS
+    resources:
+        **TRAIN_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas finetune {params.stage} --set threads={threads} --nproc-per-node {resources.nproc_per_node} "
+        "--weights {input.weights} --masks {input.masks} --out-weights {output.weights} "
+        "--out-metrics {output.metrics} > {log} 2>&1"
+
+
+rule reparameterize:
+    """Fuse every multi-branch block, cut the masked channels, export (`pas deploy`)."""
+    input:
+        tracking=tracking_marker,
+        weights=deploy_weights,
+        masks=model_masks,
+    output:
+        arch="results/models/{method}/{model}/deploy/arch.json",
+        weights="results/models/{method}/{model}/deploy/model.safetensors",
+        onnx="results/models/{method}/{model}/deploy/model.onnx",
+        record="results/models/{method}/{model}/deploy/deploy.json",
+    log:
+        "results/models/{method}/{model}/logs/reparameterize.log",
+    benchmark:
+        "results/models/{method}/{model}/logs/reparameterize.benchmark.tsv"
+    wildcard_constraints:
+        method=alternatives(["pas", *BASELINE_METHODS, "full", "scratch"]),
+    params:
+        stage=deploy_flags,
+    threads: LIGHT_THREADS
+    resources:
+        **LIGHT_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas deploy {params.stage} --set threads={threads} --weights {input.weights} --masks {input.masks} "
+        "--out-dir $(dirname {output.arch}) > {log} 2>&1"
+
+
+rule evaluate:
+    """Top-1/top-5, MACs (analytic and ptflops), params, latency and throughput of the plain network."""
+    input:
+        tracking=tracking_marker,
+        arch="results/models/{method}/{model}/deploy/arch.json",
+        weights="results/models/{method}/{model}/deploy/model.safetensors",
+    output:
+        result="results/models/{method}/{model}/eval.json",
+    log:
+        "results/models/{method}/{model}/logs/evaluate.log",
+    benchmark:
+        "results/models/{method}/{model}/logs/evaluate.benchmark.tsv"
+    wildcard_constraints:
+        method=alternatives(["pas", *BASELINE_METHODS, "full", "scratch"]),
+    params:
+        stage=evaluate_flags,
+    threads: EVAL_THREADS
+    resources:
+        **LIGHT_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas evaluate {params.stage} --set threads={threads} --arch {input.arch} --weights {input.weights} "
+        "--out {output.result} > {log} 2>&1"
