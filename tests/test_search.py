@@ -162,3 +162,23 @@ def test_adjust_flips_channels_nearest_the_threshold():
     assert all(bool(b[j]) for a, b, s in zip(masks, out, scores) for j in range(len(a)) if s[j] >= 0.6)
     macs = arch.macs([int(m.sum()) for m in out])
     assert target * 0.99 <= macs <= target
+
+
+def test_gate_lr_scale_sets_the_gates_own_learning_rate():
+    from pas.engine import OptimConfig, Trainer
+    model = M.build("repvgg_a0_mini", **SMALL)
+    attach_gates(model)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    trainer = Trainer(model, train_loader=lambda epoch: [(x, y)], epochs=1,
+                      optim=OptimConfig(lr=0.1, schedule="constant", gate_lr_scale=10.0, momentum=0.0,
+                                        weight_decay=0.0))
+    before = [g.weight.detach().clone() for g in gates_of(model)]
+    trainer.fit()
+    lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
+    assert lrs == pytest.approx([0.1, 1.0])
+    gate_params = {id(g.weight) for g in gates_of(model)}
+    group = next(g for g in trainer.optimizer.param_groups if id(g["params"][0]) in gate_params)
+    assert {id(p) for p in group["params"]} == gate_params
+    # one plain SGD step: the change of every gate weight is lr_gate * its gradient
+    for b, g in zip(before, gates_of(model)):
+        assert torch.allclose(b - g.weight.detach(), 1.0 * g.weight.grad, atol=1e-6)
