@@ -16,7 +16,7 @@ import torch
 
 from pas.config import load_config
 from pas.errors import PasError
-from pas.io import atomic_path, atomic_write_json
+from pas.io import atomic_write_json
 
 STATE_SUFFIX = ".state.pt"
 _ACTIVE_TRACKERS: list = []  # closed as FAILED if the stage raises (an MLflow run is never left RUNNING)
@@ -139,6 +139,21 @@ def _check_writable(*outputs: str) -> None:
             raise PasError(f"output folder {str(parent)!r} is not writable")
 
 
+def _trainer(cfg, model, stage: str, tracker, state, train_loader, val_loader, world):
+    from pas.engine import OptimConfig, Trainer
+    return Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
+                   optim=OptimConfig(**cfg["optim"]), seed=cfg["seed"], state_path=state,
+                   on_epoch=_epoch_logger(tracker, stage, cfg["epochs"]), world=world, amp=cfg["amp"],
+                   progress=_progress(cfg))
+
+
+def _training_metrics(cfg, stage: str, rows: list[dict], t0: float, **extra) -> dict:
+    final = rows[-1] if rows else {}
+    return {"stage": stage, "backbone": cfg["backbone"], "epochs": cfg["epochs"], **extra,
+            "final_top1": final.get("top1"), "final_top5": final.get("top5"),
+            "wall_seconds": time.perf_counter() - t0, "history": rows}
+
+
 def _finish_training(tracker, out_weights, model, metrics_path, metrics, state_path, artifacts=()):
     from pas.io import atomic_torch_save
     atomic_torch_save(_weights_only(model), out_weights)
@@ -155,7 +170,6 @@ def _finish_training(tracker, out_weights, model, metrics_path, metrics, state_p
 
 def pretrain(cfg: dict, *, out_weights: str, out_metrics: str, import_path: str | None = None) -> dict:
     """Train the full training-form backbone, or import official/timm weights into it."""
-    from pas.engine import OptimConfig, Trainer
     _check_writable(out_weights, out_metrics)
     world = _setup(cfg)
     train_loader, val_loader, info = _data(cfg, world)
@@ -168,15 +182,8 @@ def pretrain(cfg: dict, *, out_weights: str, out_metrics: str, import_path: str 
         from pas.engine import evaluate
         rows = [evaluate(model, val_loader, world.device)]
     else:
-        trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
-                          optim=OptimConfig(**cfg["optim"]), seed=cfg["seed"], state_path=state,
-                          on_epoch=_epoch_logger(tracker, "pretrain", cfg["epochs"]), world=world,
-                          amp=cfg["amp"], progress=_progress(cfg))
-        rows = trainer.fit()
-    final = rows[-1] if rows else {}
-    metrics = {"stage": "pretrain", "backbone": cfg["backbone"], "epochs": cfg["epochs"],
-               "final_top1": final.get("top1"), "final_top5": final.get("top5"),
-               "wall_seconds": time.perf_counter() - t0, "macs": int(model.arch.macs()), "history": rows}
+        rows = _trainer(cfg, model, "pretrain", tracker, state, train_loader, val_loader, world).fit()
+    metrics = _training_metrics(cfg, "pretrain", rows, t0, macs=int(model.arch.macs()))
     if world.main:
         _finish_training(tracker, out_weights, model, out_metrics, metrics, state)
     return metrics
@@ -250,7 +257,6 @@ def prune(cfg: dict, *, weights: str, out_masks: str) -> dict:
 
 def finetune(cfg: dict, *, weights: str, masks: str, out_weights: str, out_metrics: str) -> dict:
     """Gates frozen at the given masks; the masked multi-branch network trains on CE only."""
-    from pas.engine import OptimConfig, Trainer
     from pas.gates import freeze_gates, set_masks
     _check_writable(out_weights, out_metrics)
     world = _setup(cfg)
@@ -264,16 +270,9 @@ def finetune(cfg: dict, *, weights: str, masks: str, out_weights: str, out_metri
     tracker = _tracker(cfg, "finetune", world, out_metrics)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
-    trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
-                      optim=OptimConfig(**cfg["optim"]), seed=cfg["seed"], state_path=state,
-                      on_epoch=_epoch_logger(tracker, "finetune", cfg["epochs"]), world=world,
-                      amp=cfg["amp"], progress=_progress(cfg))
-    rows = trainer.fit()
-    final = rows[-1] if rows else {}
-    metrics = {"stage": "finetune", "backbone": cfg["backbone"], "epochs": cfg["epochs"],
-               "macs": int(model.arch.macs([int(m.sum()) for m in mask_list])),
-               "final_top1": final.get("top1"), "final_top5": final.get("top5"),
-               "wall_seconds": time.perf_counter() - t0, "history": rows}
+    rows = _trainer(cfg, model, "finetune", tracker, state, train_loader, val_loader, world).fit()
+    metrics = _training_metrics(cfg, "finetune", rows, t0,
+                                macs=int(model.arch.macs([int(m.sum()) for m in mask_list])))
     if world.main:
         _finish_training(tracker, out_weights, model, out_metrics, metrics, state)
     return metrics

@@ -6,7 +6,7 @@ import pas.models as M
 from pas.compact import compact
 from pas.errors import PasError
 from pas.flops import ptflops_macs
-from pas.gates import DBCGate, attach_gates, freeze_gates, gated_macs, gates_of, kept_widths, set_masks
+from pas.gates import DBCGate, attach_gates, freeze_gates, gated_macs, gates_of, set_masks
 from pas.pruners import prune
 from pas.search import MacsPenalty, adjust_masks, resolve_target
 from tests.helpers import randomize_bn, rel_err
