@@ -105,6 +105,10 @@ class Trainer:
         self.state_path = Path(state_path) if state_path else None
         self.penalty, self.on_step, self.on_epoch = penalty, on_step, on_epoch
         self.amp = amp and self.world.device.type == "cuda"
+        # inputs follow the model's memory format (the stages make it channels_last on CUDA)
+        first = next((p for p in model.parameters() if p.dim() == 4), None)
+        self.channels_last = first is not None and self.world.device.type == "cuda" and \
+            first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
         self.progress = progress
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if ".gate." not in n], "lr_scale": 1.0},
@@ -179,6 +183,8 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             x, y = x.to(self.world.device, non_blocking=True), y.to(self.world.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.world.device.type, enabled=self.amp):
                 out = self.net(x)
                 loss = nn.functional.cross_entropy(out, y)
