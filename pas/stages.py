@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,19 @@ def _check_writable(*outputs: str) -> None:
             raise PasError(f"output folder {str(parent)!r} cannot be created: {e.strerror}") from None
         if not os.access(parent, os.W_OK):
             raise PasError(f"output folder {str(parent)!r} is not writable")
+        _remove_leftovers(Path(out))
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary files of atomic writes that a killed attempt (kill -9, scancel, a lost node) left
+    beside this output, its training state and its run record (`.NAME.XXXX.tmp`), and deploy's
+    temporary folder (`.deploy.XXXX/`), never renamed: the job now starting is their only writer."""
+    for name in (out.name, _state_path(str(out)).name, f"{out.stem}.run.json"):
+        for leftover in out.parent.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+    for leftover in out.parent.glob(f".{out.name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _trainer(cfg, model, stage: str, tracker, state, train_loader, val_loader, world):

@@ -160,9 +160,9 @@ def test_every_rule_logged_and_benchmarked(tiny_run):
     for log in tiny_run.glob("results/**/logs/*.log"):
         assert "Traceback" not in log.read_text(), log
     benchmarks = list(tiny_run.glob("results/**/logs/*.benchmark.tsv"))
-    # every job but full_masks (a few-millisecond local step): tracking_init 1, pretrain 2,
-    # train_scratch 1, search 2, prune 6, finetune 8, reparameterize 11, evaluate 11, tables 1, plots 1
-    assert len(benchmarks) == 44
+    # every job but `all`: tracking_init 1, pretrain 2, train_scratch 1, search 2, prune 6, full_masks 3,
+    # finetune 8, reparameterize 11, evaluate 11, tables 1, plots 1
+    assert len(benchmarks) == 47
     for b in benchmarks:
         header, row = b.read_text().splitlines()[:2]
         assert header.split("\t")[0] == "s" and float(row.split("\t")[0]) >= 0

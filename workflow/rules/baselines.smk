@@ -35,6 +35,8 @@ rule full_masks:
         masks="results/models/{method}/{model}/masks.json",
     log:
         "results/models/{method}/{model}/logs/full_masks.log",
+    benchmark:
+        "results/models/{method}/{model}/logs/full_masks.benchmark.tsv"
     wildcard_constraints:
         method="full|scratch",
     params:
