@@ -110,7 +110,9 @@ def merge(base: dict, update: dict, schema: dict = SCHEMA, prefix: str = "") -> 
                 raise PasError(f"config key {full!r} must be a mapping, got {value!r}")
             out[key] = merge(out[key], value, spec, f"{full}.")
         else:
-            out[key] = _check(value, spec, full)
+            value = _check(value, spec, full)
+            # free-form mappings (tags) accumulate: --set tags.a=1 --set tags.b=2 keeps both
+            out[key] = {**out[key], **value} if isinstance(value, dict) else value
     return out
 
 

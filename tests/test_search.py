@@ -182,3 +182,9 @@ def test_gate_lr_scale_sets_the_gates_own_learning_rate():
     # one plain SGD step: the change of every gate weight is lr_gate * its gradient
     for b, g in zip(before, gates_of(model)):
         assert torch.allclose(b - g.weight.detach(), 1.0 * g.weight.grad, atol=1e-6)
+
+
+def test_tag_overrides_accumulate():
+    from pas.config import load_config
+    cfg = load_config(None, ["tags.variant=PaS-A", "tags.target=40%", "optim.lr=0.05"])
+    assert cfg["tags"] == {"variant": "PaS-A", "target": "40%"} and cfg["optim"]["lr"] == 0.05
