@@ -1,7 +1,6 @@
 """The deployable artefact: architecture JSON + safetensors weights + ONNX, loadable without search code."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import warnings
@@ -12,7 +11,7 @@ from torch import nn
 
 from pas.arch import load_arch, save_arch
 from pas.errors import PasError
-from pas.io import atomic_write_json
+from pas.io import atomic_write_json, chmod_default
 
 
 def export_onnx(model: nn.Module, path: str | Path) -> None:
@@ -45,13 +44,11 @@ def save_deployed(model: nn.Module, out_dir: str | Path, **extra) -> dict:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+    chmod_default(tmp, directory=True)
     try:
         save_arch(model.arch, tmp / "arch.json")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600
+        chmod_default(tmp / "model.safetensors")
         export_onnx(model, tmp / "model.onnx")
         record = {"macs": int(model.arch.macs()), "params": int(model.arch.params()),
                   "widths": model.arch.searchable_widths(),

@@ -92,8 +92,7 @@ def _tracker(cfg, stage: str, world, primary_output: str):
     """The stage's MLflow run; its plain record lands beside the primary output as *.run.json."""
     from pas.tracking import Tracker
     name = f"{cfg['tags'].get('variant', cfg['backbone'])}/{stage}"
-    p = Path(primary_output)
-    record = p / "run.json" if p.suffix == "" else p.with_name(f"{p.stem}.run.json")
+    record = _record_path(Path(primary_output))
     tracker = Tracker(cfg, stage=stage, run_name=name, enabled=world.main, record_path=record)
     _ACTIVE_TRACKERS.append(tracker)
     return tracker
@@ -141,11 +140,16 @@ def _check_writable(*outputs: str) -> None:
         _remove_leftovers(Path(out))
 
 
+def _record_path(primary: Path) -> Path:
+    """Where a stage's run record lands: beside its primary output, or inside an output folder."""
+    return primary / "run.json" if primary.suffix == "" else primary.with_name(f"{primary.stem}.run.json")
+
+
 def _remove_leftovers(out: Path) -> None:
     """Temporary files of atomic writes that a killed attempt (kill -9, scancel, a lost node) left
     beside this output, its training state and its run record (`.NAME.XXXX.tmp`), and deploy's
     temporary folder (`.deploy.XXXX/`), never renamed: the job now starting is their only writer."""
-    for name in (out.name, _state_path(str(out)).name, f"{out.stem}.run.json"):
+    for name in (out.name, _state_path(str(out)).name, _record_path(out).name):
         for leftover in out.parent.glob(f".{name}.*.tmp"):
             leftover.unlink(missing_ok=True)
     for leftover in out.parent.glob(f".{out.name}.*"):
