@@ -3,6 +3,7 @@
 # networks, then the results table, figures and report. All work is done by the `pas` command.
 #
 #   snakemake --cores all                                  # embedded default (animal-mnist, ~20 min)
+#   snakemake --cores all --configfile config/evidence.yaml  # the same over 3 seeds: mean and spread
 #   snakemake --configfile config/test.yaml --cores 2      # tiny, for CI
 #   snakemake --profile profiles/slurm --configfile config/paper.yaml
 #   snakemake --report results/report.html                 # after a run
@@ -41,6 +42,8 @@ localrules:
     full_masks,
     tables,
     plots,
+    evidence,
+    tracking_ingest,
 
 
 onstart:
@@ -51,4 +54,6 @@ rule all:
     input:
         rules.tables.output,
         rules.plots.output,
+        rules.evidence.output,
+        rules.tracking_ingest.output if tracking_is_ingest() else [],
     default_target: True

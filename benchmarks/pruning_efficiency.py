@@ -1,6 +1,6 @@
 """4. Pruning speed-up efficiency: (full / pruned latency) / (full / pruned MACs) per PaS variant.
 
-Reads the PaS variants a workflow run deployed (results/models/pas/*/deploy/arch.json) and times
+Reads the PaS variants a workflow run deployed (results/seed*/models/pas/*/deploy/arch.json (the first seed)) and times
 each plain network against the plain full backbone it was searched from, side by side, on the CPU.
 An efficiency of 1 means latency shrank exactly as much as MACs did.
 """
@@ -26,9 +26,10 @@ def main(argv=None) -> list[dict]:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = []
-    archs = sorted(Path(a.results).glob("models/pas/*/deploy/arch.json"))
+    seeds = sorted(Path(a.results).glob("seed*/models/pas"))
+    archs = sorted(seeds[0].glob("*/deploy/arch.json")) if seeds else []
     if not archs:
-        print(f"pruning efficiency: no deployed PaS variants under {a.results}/models/pas (run the workflow first)")
+        print(f"pruning efficiency: no deployed PaS variants under {a.results}/seed*/models/pas (run the workflow first)")
     for path in archs:
         variant = path.parent.parent.name
         backbone = json.loads((path.parent.parent / "eval.json").read_text())["backbone"]

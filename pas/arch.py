@@ -66,6 +66,10 @@ class RepVGGArch:
     def searchable_groups(self) -> list[int]:
         return list(self.groups)
 
+    def searchable_sizes(self) -> list[int]:
+        """Output side of every searchable layer (the resolution its channels live at)."""
+        return self.feature_sizes()
+
     def with_widths(self, widths: Sequence[int]) -> "RepVGGArch":
         return replace(self, widths=tuple(int(w) for w in widths))
 
@@ -145,6 +149,11 @@ class MobileNetV2Arch:
 
     def searchable_groups(self) -> list[int]:
         return [1] * len(self.searchable_widths())
+
+    def searchable_sizes(self) -> list[int]:
+        """Output side of every block with a searchable hidden width (its depth-wise conv's)."""
+        _, sizes = self.block_sizes()
+        return [size for b, size in zip(self.blocks, sizes) if b.expand]
 
     def with_widths(self, widths: Sequence[int]) -> "MobileNetV2Arch":
         it = iter(int(w) for w in widths)

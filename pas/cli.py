@@ -27,10 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--in-channels", type=int, default=3)
     info.set_defaults(func=_info)
 
-    from pas import plots, stages, tables
+    from pas import evidence, plots, stages, tables
     stages.add_subcommands(sub)
     tables.add_subcommand(sub)
     plots.add_subcommand(sub)
+    evidence.add_subcommand(sub)
     return parser
 
 

@@ -164,8 +164,14 @@ def plot_search_macs(histories: dict[str, dict]):
     return fig
 
 
-def make_plots(table: str | Path, histories: dict[str, str | Path], out_dir: str | Path) -> list[Path]:
+def make_plots(table: str | Path, histories: dict[str, str | Path], out_dir: str | Path,
+               seed: int | None = None) -> list[Path]:
+    """Every figure; `seed` keeps the table rows of that seed only (the histories are one seed's)."""
     rows = read_table(table)
+    if seed is not None:
+        rows = [r for r in rows if r.get("seed") in (None, seed)]
+        if not rows:
+            raise PasError(f"--seed {seed}: the table {str(table)!r} has no rows of that seed")
     loaded = {}
     for name, path in histories.items():
         try:
@@ -186,7 +192,7 @@ def main(args) -> int:
         if not sep or not name or not path:
             raise PasError(f"--history {text!r} is not NAME=PATH")
         histories[name] = path
-    for path in make_plots(args.table, histories, args.out_dir):
+    for path in make_plots(args.table, histories, args.out_dir, seed=args.seed):
         print(path)
     return 0
 
@@ -196,5 +202,6 @@ def add_subcommand(sub) -> None:
     p.add_argument("--table", required=True, help="the CSV written by pas tables")
     p.add_argument("--history", action="append", default=[], metavar="NAME=PATH",
                    help="a PaS variant's search history JSON (repeat per variant)")
+    p.add_argument("--seed", type=int, help="plot only the table rows of this seed (default: every row)")
     p.add_argument("--out-dir", required=True, help=f"writes {', '.join(FIGURES)} as PNG and PDF here")
     p.set_defaults(func=main)

@@ -100,7 +100,8 @@ def _tracker(cfg, stage: str, world, primary_output: str):
 
 def _masks_record(arch, masks, **extra) -> dict:
     return {"family": arch.family, "widths": [int(m.sum()) for m in masks],
-            "full_widths": arch.searchable_widths(), "full_macs": int(arch.macs()),
+            "full_widths": arch.searchable_widths(), "layer_sizes": arch.searchable_sizes(),
+            "full_macs": int(arch.macs()),
             "macs": int(arch.macs([int(m.sum()) for m in masks])),
             "masks": [[int(v) for v in m.tolist()] for m in masks], **extra}
 
@@ -240,6 +241,7 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
                            searched_macs=result.searched_macs, method="pas")
     atomic_write_json(out_masks, record)
     atomic_write_json(out_history, {"layers": len(result.masks), "full_widths": model.arch.searchable_widths(),
+                                    "layer_sizes": model.arch.searchable_sizes(),
                                     "target_macs": result.target_macs, "records": result.history})
     final = result.metrics[-1] if result.metrics else {}
     metrics = {"stage": "search", "backbone": cfg["backbone"], "epochs": cfg["epochs"],

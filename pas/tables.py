@@ -21,10 +21,10 @@ from pas.errors import PasError
 from pas.io import atomic_write_text
 
 ROW_KEYS = ("eval", "masks", "search", "finetune", "train")
-COLUMNS = ["model", "method", "backbone", "target_macs", "macs", "macs_ptflops", "params", "top1", "top5",
+COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "macs", "macs_ptflops", "params", "top1", "top5",
            "latency_device", "search_s", "finetune_s", "train_s", "widths"]
 # Shown in the Markdown/LaTeX tables (the CSV has every column), with their headings.
-DISPLAY = {"model": "model", "method": "method", "backbone": "backbone", "target_macs": "target MACs",
+DISPLAY = {"model": "model", "method": "method", "seed": "seed", "backbone": "backbone", "target_macs": "target MACs",
            "macs": "MACs", "params": "params", "top1": "top-1 %", "top5": "top-5 %"}
 _LATENCY = re.compile(r"latency_ms_(?P<device>[a-z]+)_b(?P<batch>\d+)$")
 
@@ -61,7 +61,9 @@ def table_row(spec: dict[str, str]) -> dict:
     """One row from the files of one network."""
     ev = _read(spec["eval"])
     device = latency_device(ev)
+    seed = ev.get("seed")
     row = {"model": ev.get("variant", Path(spec["eval"]).parent.name), "method": ev.get("method", ""),
+           "seed": None if seed is None else int(seed),
            "backbone": ev.get("backbone", ""), "target_macs": None, "macs": ev["macs"],
            "macs_ptflops": ev.get("macs_ptflops"), "params": ev["params"], "top1": ev["top1"],
            "top5": ev["top5"], "latency_device": device}
@@ -101,8 +103,11 @@ def _fmt(key: str, value) -> str:
     return str(value)
 
 
-def _display_columns(cols: list[str]) -> dict[str, str]:
+def _display_columns(cols: list[str], rows: list[dict]) -> dict[str, str]:
+    """The shown columns and their headings; `seed` only when the rows come from several seeds."""
     shown = dict(DISPLAY)
+    if len({r.get("seed") for r in rows}) < 2:
+        del shown["seed"]
     for c in cols:
         if c.startswith("latency_ms_b"):
             shown[c] = f"ms b{c.rsplit('_b', 1)[1]}"
@@ -121,7 +126,7 @@ def to_csv(rows: list[dict], cols: list[str]) -> str:
 
 
 def to_markdown(rows: list[dict], cols: list[str], device: str) -> str:
-    shown = _display_columns(cols)
+    shown = _display_columns(cols, rows)
     lines = [f"Latency in ms and throughput in images/s measured on {device}.", "",
              "| " + " | ".join(shown.values()) + " |",
              "|" + "|".join("---" if c in ("model", "method", "backbone") else "---:" for c in shown) + "|"]
@@ -129,17 +134,17 @@ def to_markdown(rows: list[dict], cols: list[str], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _tex(text: str) -> str:
+def tex_escape(text: str) -> str:
     return re.sub(r"([&%$#_{}])", r"\\\1", text)
 
 
 def to_latex(rows: list[dict], cols: list[str], device: str) -> str:
-    shown = _display_columns(cols)
+    shown = _display_columns(cols, rows)
     align = "".join("l" if c in ("model", "method", "backbone") else "r" for c in shown)
     lines = [f"% Latency in ms and throughput in images/s measured on {device}.",
              f"\\begin{{tabular}}{{{align}}}", "\\hline",
-             " & ".join(_tex(h) for h in shown.values()) + " \\\\", "\\hline"]
-    lines += [" & ".join(_tex(_fmt(c, r.get(c))) for c in shown) + " \\\\" for r in rows]
+             " & ".join(tex_escape(h) for h in shown.values()) + " \\\\", "\\hline"]
+    lines += [" & ".join(tex_escape(_fmt(c, r.get(c))) for c in shown) + " \\\\" for r in rows]
     lines += ["\\hline", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -165,6 +170,9 @@ def read_table(path: str | Path) -> list[dict]:
     for r in rows:
         for k, v in r.items():
             if k in ("model", "method", "backbone", "latency_device", "widths"):
+                continue
+            if k == "seed":
+                r[k] = int(v) if v not in ("", None) else None
                 continue
             r[k] = float(v) if v not in ("", None) else None
         r["widths"] = [int(w) for w in (r.get("widths") or "").split()]

@@ -148,6 +148,33 @@ def test_accuracy_latency_and_wall_times_are_in_range(table):
             assert float(r["search_s"]) > 0
 
 
+def test_evidence_summarises_the_table_and_the_masks(tiny_run, table):
+    """results/evidence from the tiny run (one seed): the accuracy table repeats the table's top-1 per
+    method and target, the width profile is the masks' kept/full channels per feature-map side, and
+    claims.md states every claim with a verdict."""
+    with open(tiny_run / "results" / "evidence" / "accuracy.csv", newline="") as f:
+        acc = list(csv.DictReader(f))
+    assert len(acc) == len(table)
+    top1 = {(r["method"], r["model"].split("@")[-1]): float(r["top1"]) for r in table}
+    for r in acc:
+        assert r["seeds"] == "1" and r["top1_std"] == ""
+        assert float(r["top1_mean"]) == float(r["top1_min"]) == float(r["top1_max"]) == top1[(r["method"], r["model"])]
+    with open(tiny_run / "results" / "evidence" / "width_profile.csv", newline="") as f:
+        profile = list(csv.DictReader(f))
+    masks = json.loads((tiny_run / "results" / "seed0" / "models" / "l1" / "PaS-A" / "masks.json").read_text())
+    sides = sorted(set(masks["layer_sizes"]), reverse=True)
+    mine = [r for r in profile if r["model"] == "PaS-A" and r["method"] == "l1"]
+    assert [int(r["resolution"]) for r in mine] == sides
+    for r, side in zip(mine, sides):
+        kept = sum(w for w, s in zip(masks["widths"], masks["layer_sizes"]) if s == side)
+        full = sum(w for w, s in zip(masks["full_widths"], masks["layer_sizes"]) if s == side)
+        assert float(r["keep_mean"]) == round(kept / full, 4)
+    claims = (tiny_run / "results" / "evidence" / "claims.md").read_text()
+    assert claims.count("**Verdict: ") == 3 and "(1 seed)" in claims
+    png = (tiny_run / "results" / "evidence" / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
 def test_plots_are_written_as_png_and_pdf(tiny_run):
     for name in PLOTS:
         png = (tiny_run / "results" / "plots" / f"{name}.png").read_bytes()
@@ -161,8 +188,8 @@ def test_every_rule_logged_and_benchmarked(tiny_run):
         assert "Traceback" not in log.read_text(), log
     benchmarks = list(tiny_run.glob("results/**/logs/*.benchmark.tsv"))
     # every job but `all`: tracking_init 1, pretrain 2, train_scratch 1, search 2, prune 6, full_masks 3,
-    # finetune 8, reparameterize 11, evaluate 11, tables 1, plots 1
-    assert len(benchmarks) == 47
+    # finetune 8, reparameterize 11, evaluate 11, tables 1, plots 1, evidence 1
+    assert len(benchmarks) == 48
     for b in benchmarks:
         header, row = b.read_text().splitlines()[:2]
         assert header.split("\t")[0] == "s" and float(row.split("\t")[0]) >= 0
@@ -186,12 +213,12 @@ def test_mlflow_has_one_run_per_stage_and_network(tiny_run):
     assert all(run.info.status == "FINISHED" for run in runs)
     for run in by_stage["evaluate"]:
         tags = run.data.tags
-        d = tiny_run / "results" / "models" / tags["method"] / tags["model"]
+        d = tiny_run / "results" / "seed0" / "models" / tags["method"] / tags["model"]
         result = json.loads((d / "eval.json").read_text())
         assert run.data.metrics["top1"] == pytest.approx(result["top1"])
         assert run.data.metrics["macs"] == result["macs"]
     for run in by_stage["search"]:
-        masks = json.loads((tiny_run / "results" / "models" / "pas" / run.data.tags["model"] / "search" /
+        masks = json.loads((tiny_run / "results" / "seed0" / "models" / "pas" / run.data.tags["model"] / "search" /
                             "masks.json").read_text())
         assert run.data.metrics["target_macs"] == masks["target_macs"] >= masks["macs"]
 
@@ -216,7 +243,7 @@ def test_changing_one_target_reruns_only_that_variants_jobs(tiny_run):
     # its search, its baselines' masks at the new target, and everything downstream of them
     assert per_model == sorted(["search"] + ["prune"] * n + ["finetune", "reparameterize", "evaluate"] * (1 + n))
     assert {wc["model"] for _, wc in jobs if wc} == {name}
-    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "plots", "tables"]
+    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "evidence", "plots", "tables"]
 
 
 def test_report_is_one_html_file(tiny_run):
@@ -301,7 +328,8 @@ def test_default_dag(tmp_path):
     assert result.returncode == 0, result.stderr
     assert job_counts(result.stdout) == {
         "tracking_init": 1, "pretrain": 2, "search": 6, "prune": 18, "finetune": 24, "full_masks": 4,
-        "train_scratch": 2, "reparameterize": 28, "evaluate": 28, "tables": 1, "plots": 1, "all": 1}
+        "train_scratch": 2, "reparameterize": 28, "evaluate": 28, "tables": 1, "plots": 1, "evidence": 1,
+        "all": 1}
 
 
 def test_paper_config_dry_run_needs_no_data(tmp_path):
@@ -311,7 +339,28 @@ def test_paper_config_dry_run_needs_no_data(tmp_path):
     assert counts["search"] == 6 and counts["finetune"] == 24 and counts["train_scratch"] == 5
     assert "--set dataset.name=imagenet" in result.stdout and "--nproc-per-node 8" in result.stdout
     assert "--import /path/to/RepVGG-B1-train.pth" in result.stdout
+    # a cluster: jobs write run records only, one local job replays them into MLflow at the end
+    assert counts["tracking_ingest"] == 1 and "tracking_init" not in counts
+    assert "--set tracking.enabled=false" in result.stdout and "--set tracking.enabled=true" not in result.stdout
 
+
+def test_every_seed_runs_the_whole_pipeline(tmp_path):
+    """training.seeds: every job but the summaries once per seed, under results/seed<N>/, each
+    stage told its seed; one table, one set of figures, one evidence summary over all seeds."""
+    cfg = tiny_config()
+    cfg["training"] = {"seeds": [0, 7]}
+    (tmp_path / "seeds.yaml").write_text(yaml.safe_dump(cfg))
+    one = job_counts(snakemake(tmp_path, "-n", "--configfile", str(TINY)).stdout)
+    result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "seeds.yaml"))
+    assert result.returncode == 0, result.stderr
+    two = job_counts(result.stdout)
+    once = {"tracking_init", "tables", "plots", "evidence", "all"}
+    assert {r: n for r, n in two.items() if r not in once} == {r: 2 * n for r, n in one.items() if r not in once}
+    assert {r: two[r] for r in once} == {r: 1 for r in once}
+    jobs = dry_run_jobs(result.stdout)
+    assert {wc["seed"] for _, wc in jobs if wc} == {"0", "7"}
+    assert "--set seed=7" in result.stdout and "results/seed7/models/pas/PaS-A/search/masks.json" in result.stdout
+    assert re.search(r"tags=\{method: pas, model: PaS-A, seed: \S*7\S*, target: ", result.stdout)  # MLflow tag
 
 def _bad(cfg_edit) -> dict:
     cfg = copy.deepcopy(tiny_config())
@@ -336,6 +385,12 @@ BAD_CONFIGS = {
     "finetune.epochs": _set(["finetune", "epochs"], "ten"),
     "search.alhpa": _set(["search", "alhpa"], 1.0),
     "references.scratch[0]": _set(["references", "scratch"], ["resnet9000"]),
+    "pretrain.epochs": _set(["pretrain", "epochs"], -1),
+    "training.seeds": _set(["training", "seeds"], [0, 0]),
+    "training.seeds[0]": _set(["training", "seeds"], [-3]),
+    "tracking.mode": _set(["tracking", "mode"], "sometimes"),
+    "dataset.name": _set(["dataset", "name"], "mnist-fashion"),
+    "variants[0].target": _set(["variants", 0, "target"], "0%"),
 }
 
 

@@ -10,11 +10,11 @@ rule prune:
     input:
         weights=search_weights,
     output:
-        masks="results/models/{method}/{model}/masks.json",
+        masks="results/seed{seed}/models/{method}/{model}/masks.json",
     log:
-        "results/models/{method}/{model}/logs/prune.log",
+        "results/seed{seed}/models/{method}/{model}/logs/prune.log",
     benchmark:
-        "results/models/{method}/{model}/logs/prune.benchmark.tsv"
+        "results/seed{seed}/models/{method}/{model}/logs/prune.benchmark.tsv"
     wildcard_constraints:
         method=alternatives(BASELINE_METHODS),
     params:
@@ -32,11 +32,11 @@ rule prune:
 rule full_masks:
     """All-ones masks, so a reference network deploys through the same fuse + compact path."""
     output:
-        masks="results/models/{method}/{model}/masks.json",
+        masks="results/seed{seed}/models/{method}/{model}/masks.json",
     log:
-        "results/models/{method}/{model}/logs/full_masks.log",
+        "results/seed{seed}/models/{method}/{model}/logs/full_masks.log",
     benchmark:
-        "results/models/{method}/{model}/logs/full_masks.benchmark.tsv"
+        "results/seed{seed}/models/{method}/{model}/logs/full_masks.benchmark.tsv"
     wildcard_constraints:
         method="full|scratch",
     params:
@@ -53,12 +53,12 @@ rule train_scratch:
     input:
         tracking=tracking_marker,
     output:
-        weights="results/models/scratch/{model}/train/weights.pt",
-        metrics="results/models/scratch/{model}/train/metrics.json",
+        weights="results/seed{seed}/models/scratch/{model}/train/weights.pt",
+        metrics="results/seed{seed}/models/scratch/{model}/train/metrics.json",
     log:
-        "results/models/scratch/{model}/logs/train_scratch.log",
+        "results/seed{seed}/models/scratch/{model}/logs/train_scratch.log",
     benchmark:
-        "results/models/scratch/{model}/logs/train_scratch.benchmark.tsv"
+        "results/seed{seed}/models/scratch/{model}/logs/train_scratch.benchmark.tsv"
     params:
         stage=scratch_flags,
     threads: TRAIN_THREADS

@@ -28,6 +28,11 @@ def variants():
     return {v["name"]: v for v in config["variants"]}
 
 
+def seeds():
+    """Every seed runs the whole pipeline, under results/seed<N>/."""
+    return config["training"]["seeds"]
+
+
 def backbones():
     """The searched backbones, in first-use order."""
     return list(dict.fromkeys(v["backbone"] for v in config["variants"]))
@@ -47,8 +52,20 @@ def model_backbone(method, model):
     return model if method in ("full", "scratch") else variants()[model]["backbone"]
 
 
-def model_dir(method, model):
-    return f"{RESULTS}/models/{method}/{model}"
+def seed_dir(seed):
+    return f"{RESULTS}/seed{seed}"
+
+
+def model_dir(method, model, seed):
+    return f"{seed_dir(seed)}/models/{method}/{model}"
+
+
+def tracking_is_direct():
+    return config["tracking"]["enabled"] and config["tracking"]["mode"] == "direct"
+
+
+def tracking_is_ingest():
+    return config["tracking"]["enabled"] and config["tracking"]["mode"] == "ingest"
 
 
 def alternatives(names):
@@ -59,33 +76,32 @@ def alternatives(names):
 
 def tracking_marker(wildcards=None):
     """Every stage that logs to MLflow waits for the store to exist (created once, no race)."""
-    return f"{RESULTS}/mlflow/experiment.txt" if config["tracking"]["enabled"] else []
+    return f"{RESULTS}/mlflow/experiment.txt" if tracking_is_direct() else []
 
 
 def search_weights(wildcards):
-    return f"{RESULTS}/pretrain/{variants()[wildcards.model]['backbone']}/weights.pt"
+    return f"{seed_dir(wildcards.seed)}/pretrain/{variants()[wildcards.model]['backbone']}/weights.pt"
 
 
 def finetune_start(wildcards):
     """PaS fine-tunes the searched weights; the baselines start from the pretrained network."""
     if wildcards.method == "pas":
-        return f"{model_dir('pas', wildcards.model)}/search/weights.pt"
+        return f"{model_dir('pas', wildcards.model, wildcards.seed)}/search/weights.pt"
     return search_weights(wildcards)
 
 
 def model_masks(wildcards):
     if wildcards.method == "pas":
-        return f"{model_dir('pas', wildcards.model)}/search/masks.json"
-    return f"{model_dir(wildcards.method, wildcards.model)}/masks.json"
+        return f"{model_dir('pas', wildcards.model, wildcards.seed)}/search/masks.json"
+    return f"{model_dir(wildcards.method, wildcards.model, wildcards.seed)}/masks.json"
 
 
 def deploy_weights(wildcards):
     """Fine-tuned weights; the full backbone as pretrained; a scratch member as trained."""
     if wildcards.method == "full":
-        return f"{RESULTS}/pretrain/{wildcards.model}/weights.pt"
-    if wildcards.method == "scratch":
-        return f"{model_dir('scratch', wildcards.model)}/train/weights.pt"
-    return f"{model_dir(wildcards.method, wildcards.model)}/finetune/weights.pt"
+        return f"{seed_dir(wildcards.seed)}/pretrain/{wildcards.model}/weights.pt"
+    d = model_dir(wildcards.method, wildcards.model, wildcards.seed)
+    return f"{d}/train/weights.pt" if wildcards.method == "scratch" else f"{d}/finetune/weights.pt"
 
 
 # -- stage config slices as --set flags --------------------------------------------------------
@@ -109,17 +125,21 @@ def yaml_value(value):
 
 
 def common_slice(backbone, tags):
-    """Keys every stage reads: dataset, run-wide settings, MLflow, backbone, tags."""
-    return {"backbone": backbone, **config["training"], "progress": False, "dataset": config["dataset"],
-            "tracking": config["tracking"], "tags": tags}
+    """Keys every stage reads: dataset, run-wide settings, seed, MLflow, backbone, tags. In `ingest`
+    mode the jobs log nothing to MLflow; they write run records that tracking_ingest replays."""
+    training = {k: v for k, v in config["training"].items() if k != "seeds"}
+    tracking = {k: v for k, v in config["tracking"].items() if k != "mode"}
+    tracking["enabled"] = tracking_is_direct()
+    return {"backbone": backbone, **training, "seed": int(tags["seed"]), "progress": False,
+            "dataset": config["dataset"], "tracking": tracking, "tags": tags}
 
 
-def tags_for(method, model):
+def tags_for(method, model, seed):
     """MLflow tags of every run of one row; `variant` names the row (and the MLflow run)."""
     reference = method in ("full", "scratch")
     name = model if method == "pas" or reference else f"{method}@{model}"
     target = "full" if reference else str(variants()[model]["target"])
-    return {"variant": name, "model": model, "method": method, "target": target}
+    return {"variant": name, "model": model, "method": method, "target": target, "seed": str(seed)}
 
 
 def training_slice(section, epochs=None):
@@ -129,14 +149,14 @@ def training_slice(section, epochs=None):
 
 def pretrain_flags(wildcards):
     b = wildcards.backbone
-    return set_flags({**common_slice(b, {"variant": b, "model": b, "method": "pretrain"}),
-                      **training_slice("pretrain")})
+    tags = {"variant": b, "model": b, "method": "pretrain", "seed": wildcards.seed}
+    return set_flags({**common_slice(b, tags), **training_slice("pretrain")})
 
 
 def scratch_flags(wildcards):
     """A smaller family member trained from scratch with the PaS pipeline's whole epoch budget."""
     epochs = sum(config[s]["epochs"] for s in ("pretrain", "search", "finetune"))
-    return set_flags({**common_slice(wildcards.model, tags_for("scratch", wildcards.model)),
+    return set_flags({**common_slice(wildcards.model, tags_for("scratch", wildcards.model, wildcards.seed)),
                       **training_slice("pretrain", epochs)})
 
 
@@ -148,31 +168,31 @@ def pretrain_import(wildcards):
 def search_flags(wildcards):
     v, s = variants()[wildcards.model], config["search"]
     search = {k: s[k] for k in ("alpha", "min_channels", "tolerance", "history_every")}
-    return set_flags({**common_slice(v["backbone"], tags_for("pas", wildcards.model)),
+    return set_flags({**common_slice(v["backbone"], tags_for("pas", wildcards.model, wildcards.seed)),
                       **training_slice("search"), "search": {**search, "target": v["target"]}})
 
 
 def prune_flags(wildcards):
     v, s = variants()[wildcards.model], config["search"]
-    return set_flags({**common_slice(v["backbone"], tags_for(wildcards.method, wildcards.model)),
+    return set_flags({**common_slice(v["backbone"], tags_for(wildcards.method, wildcards.model, wildcards.seed)),
                       "search": {"method": wildcards.method, "target": v["target"],
                                  "min_channels": s["min_channels"], "tolerance": s["tolerance"]}})
 
 
 def finetune_flags(wildcards):
     backbone = model_backbone(wildcards.method, wildcards.model)
-    return set_flags({**common_slice(backbone, tags_for(wildcards.method, wildcards.model)),
+    return set_flags({**common_slice(backbone, tags_for(wildcards.method, wildcards.model, wildcards.seed)),
                       **training_slice("finetune")})
 
 
 def deploy_flags(wildcards):
     backbone = model_backbone(wildcards.method, wildcards.model)
-    return set_flags(common_slice(backbone, tags_for(wildcards.method, wildcards.model)))
+    return set_flags(common_slice(backbone, tags_for(wildcards.method, wildcards.model, wildcards.seed)))
 
 
 def evaluate_flags(wildcards):
     backbone = model_backbone(wildcards.method, wildcards.model)
-    return set_flags({**common_slice(backbone, tags_for(wildcards.method, wildcards.model)),
+    return set_flags({**common_slice(backbone, tags_for(wildcards.method, wildcards.model, wildcards.seed)),
                       "evaluate": config["evaluate"]})
 
 
@@ -219,6 +239,7 @@ EVAL_THREADS = max(LIGHT_THREADS, config["evaluate"]["threads"])
 
 
 wildcard_constraints:
+    seed=alternatives([str(s) for s in seeds()]),
     backbone=alternatives(backbones()),
     model=alternatives([*variants(), *backbones(), *config["references"]["scratch"]]),
 
@@ -226,21 +247,22 @@ wildcard_constraints:
 # -- report inputs -------------------------------------------------------------------------------
 
 def table_rows(wildcards=None):
-    """One `--row` per network, naming the files `pas tables` reads for it."""
+    """One `--row` per network and seed, naming the files `pas tables` reads for it."""
     rows = []
-    for method, model in models():
-        d = model_dir(method, model)
-        files = {"eval": f"{d}/eval.json"}
-        if method == "pas":
-            files.update(masks=f"{d}/search/masks.json", search=f"{d}/search/metrics.json",
-                         finetune=f"{d}/finetune/metrics.json")
-        elif method == "full":
-            files["train"] = f"{RESULTS}/pretrain/{model}/metrics.json"
-        elif method == "scratch":
-            files["train"] = f"{d}/train/metrics.json"
-        else:
-            files.update(masks=f"{d}/masks.json", finetune=f"{d}/finetune/metrics.json")
-        rows.append(files)
+    for seed in seeds():
+        for method, model in models():
+            d = model_dir(method, model, seed)
+            files = {"eval": f"{d}/eval.json"}
+            if method == "pas":
+                files.update(masks=f"{d}/search/masks.json", search=f"{d}/search/metrics.json",
+                             finetune=f"{d}/finetune/metrics.json")
+            elif method == "full":
+                files["train"] = f"{seed_dir(seed)}/pretrain/{model}/metrics.json"
+            elif method == "scratch":
+                files["train"] = f"{d}/train/metrics.json"
+            else:
+                files.update(masks=f"{d}/masks.json", finetune=f"{d}/finetune/metrics.json")
+            rows.append(files)
     return rows
 
 
@@ -253,9 +275,38 @@ def table_flags(wildcards=None):
     return " ".join(f"--row {shlex.quote(spec)}" for spec in specs)
 
 
-def history_files(wildcards=None):
-    return [f"{model_dir('pas', name)}/search/history.json" for name in variants()]
+def history_files(seed):
+    return [f"{model_dir('pas', name, seed)}/search/history.json" for name in variants()]
+
+
+def plot_inputs(wildcards=None):
+    """The figures show the first seed's run; results/evidence aggregates every seed."""
+    return history_files(seeds()[0])
 
 
 def history_flags(wildcards=None):
-    return " ".join(f"--history {shlex.quote(f'{name}={path}')}" for name, path in zip(variants(), history_files()))
+    pairs = zip(variants(), history_files(seeds()[0]))
+    return " ".join(f"--history {shlex.quote(f'{name}={path}')}" for name, path in pairs)
+
+
+def evidence_runs(wildcards=None):
+    """The masks (and a PaS search history) of every pruned row of every seed."""
+    runs = []
+    for seed in seeds():
+        for method, model in models():
+            if method in ("full", "scratch"):
+                continue
+            d = model_dir(method, model, seed)
+            files = {"masks": f"{d}/search/masks.json", "history": f"{d}/search/history.json"} \
+                if method == "pas" else {"masks": f"{d}/masks.json"}
+            runs.append({"method": method, "model": model, "seed": str(seed), **files})
+    return runs
+
+
+def evidence_files(wildcards=None):
+    return [r[k] for r in evidence_runs() for k in ("masks", "history") if k in r]
+
+
+def evidence_flags(wildcards=None):
+    specs = (",".join(f"{k}={v}" for k, v in r.items()) for r in evidence_runs())
+    return " ".join(f"--run {shlex.quote(spec)}" for spec in specs)

@@ -30,7 +30,7 @@ rule plots:
     """Widths per layer, accuracy vs latency and MACs (Pareto front), gate convergence, search MACs."""
     input:
         table="results/tables/main.csv",
-        histories=history_files,
+        histories=plot_inputs,
     output:
         **{name: report(f"results/plots/{name}.png", caption=f"../report/{name}.rst", category="Figures")
            for name in PLOTS},
@@ -41,10 +41,68 @@ rule plots:
         "results/plots/logs/plots.benchmark.tsv"
     params:
         histories=history_flags,
+        seed=lambda wildcards: seeds()[0],
     threads: 1
     resources:
         **LIGHT_RESOURCES,
     conda:
         PAS_ENV
     shell:
-        "pas plots --table {input.table} {params.histories} --out-dir $(dirname {output.widths}) > {log} 2>&1"
+        "pas plots --table {input.table} --seed {params.seed} {params.histories} "
+        "--out-dir $(dirname {output.widths}) > {log} 2>&1"
+
+
+rule evidence:
+    """The paper's claims over every seed: top-1 mean and spread per method and target, when the
+    gates settle, the keep-fraction per resolution (`pas evidence`)."""
+    input:
+        table="results/tables/main.csv",
+        runs=evidence_files,
+    output:
+        csv=report("results/evidence/accuracy.csv", caption="../report/evidence.rst", category="Evidence"),
+        md="results/evidence/accuracy.md",
+        tex="results/evidence/accuracy.tex",
+        png=report("results/evidence/accuracy.png", caption="../report/evidence_plot.rst", category="Evidence"),
+        pdf="results/evidence/accuracy.pdf",
+        convergence="results/evidence/convergence.csv",
+        profile="results/evidence/width_profile.csv",
+        claims=report("results/evidence/claims.md", caption="../report/claims.rst", category="Evidence"),
+    log:
+        "results/evidence/logs/evidence.log",
+    benchmark:
+        "results/evidence/logs/evidence.benchmark.tsv"
+    params:
+        runs=evidence_flags,
+        epochs=lookup(dpath="search/epochs", within=config),
+    threads: 1
+    resources:
+        **LIGHT_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas evidence --table {input.table} {params.runs} --search-epochs {params.epochs} "
+        "--out-dir $(dirname {output.csv}) > {log} 2>&1"
+
+
+rule tracking_ingest:
+    """tracking.mode ingest: replay every job's run record into the MLflow store, on the submitting
+    machine, once everything is done; run again (--forcerun) to rebuild a deleted store."""
+    input:
+        rules.tables.output,
+        rules.evidence.output,
+    output:
+        marker="results/mlflow/ingested.txt",
+    log:
+        "results/mlflow/logs/tracking_ingest.log",
+    params:
+        uri=lookup(dpath="tracking/uri", within=config),
+        experiment=lookup(dpath="tracking/experiment", within=config),
+        artifact_root=lookup(dpath="tracking/artifact_root", within=config),
+    threads: 1
+    resources:
+        **LIGHT_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas tracking-ingest results --uri {params.uri:q} --experiment {params.experiment:q} "
+        "--artifact-root {params.artifact_root:q} > {output.marker} 2> {log}"

@@ -30,12 +30,12 @@ rule pretrain:
     input:
         tracking=tracking_marker,
     output:
-        weights="results/pretrain/{backbone}/weights.pt",
-        metrics="results/pretrain/{backbone}/metrics.json",
+        weights="results/seed{seed}/pretrain/{backbone}/weights.pt",
+        metrics="results/seed{seed}/pretrain/{backbone}/metrics.json",
     log:
-        "results/pretrain/{backbone}/logs/pretrain.log",
+        "results/seed{seed}/pretrain/{backbone}/logs/pretrain.log",
     benchmark:
-        "results/pretrain/{backbone}/logs/pretrain.benchmark.tsv"
+        "results/seed{seed}/pretrain/{backbone}/logs/pretrain.benchmark.tsv"
     params:
         stage=pretrain_flags,
         checkpoint=pretrain_import,
@@ -55,14 +55,14 @@ rule search:
         tracking=tracking_marker,
         weights=search_weights,
     output:
-        weights="results/models/pas/{model}/search/weights.pt",
-        masks="results/models/pas/{model}/search/masks.json",
-        history="results/models/pas/{model}/search/history.json",
-        metrics="results/models/pas/{model}/search/metrics.json",
+        weights="results/seed{seed}/models/pas/{model}/search/weights.pt",
+        masks="results/seed{seed}/models/pas/{model}/search/masks.json",
+        history="results/seed{seed}/models/pas/{model}/search/history.json",
+        metrics="results/seed{seed}/models/pas/{model}/search/metrics.json",
     log:
-        "results/models/pas/{model}/logs/search.log",
+        "results/seed{seed}/models/pas/{model}/logs/search.log",
     benchmark:
-        "results/models/pas/{model}/logs/search.benchmark.tsv"
+        "results/seed{seed}/models/pas/{model}/logs/search.benchmark.tsv"
     params:
         stage=search_flags,
     threads: TRAIN_THREADS
@@ -83,12 +83,12 @@ rule finetune:
         weights=finetune_start,
         masks=model_masks,
     output:
-        weights="results/models/{method}/{model}/finetune/weights.pt",
-        metrics="results/models/{method}/{model}/finetune/metrics.json",
+        weights="results/seed{seed}/models/{method}/{model}/finetune/weights.pt",
+        metrics="results/seed{seed}/models/{method}/{model}/finetune/metrics.json",
     log:
-        "results/models/{method}/{model}/logs/finetune.log",
+        "results/seed{seed}/models/{method}/{model}/logs/finetune.log",
     benchmark:
-        "results/models/{method}/{model}/logs/finetune.benchmark.tsv"
+        "results/seed{seed}/models/{method}/{model}/logs/finetune.benchmark.tsv"
     wildcard_constraints:
         method=alternatives(["pas", *BASELINE_METHODS]),
     params:
@@ -111,14 +111,14 @@ rule reparameterize:
         weights=deploy_weights,
         masks=model_masks,
     output:
-        arch="results/models/{method}/{model}/deploy/arch.json",
-        weights="results/models/{method}/{model}/deploy/model.safetensors",
-        onnx="results/models/{method}/{model}/deploy/model.onnx",
-        record="results/models/{method}/{model}/deploy/deploy.json",
+        arch="results/seed{seed}/models/{method}/{model}/deploy/arch.json",
+        weights="results/seed{seed}/models/{method}/{model}/deploy/model.safetensors",
+        onnx="results/seed{seed}/models/{method}/{model}/deploy/model.onnx",
+        record="results/seed{seed}/models/{method}/{model}/deploy/deploy.json",
     log:
-        "results/models/{method}/{model}/logs/reparameterize.log",
+        "results/seed{seed}/models/{method}/{model}/logs/reparameterize.log",
     benchmark:
-        "results/models/{method}/{model}/logs/reparameterize.benchmark.tsv"
+        "results/seed{seed}/models/{method}/{model}/logs/reparameterize.benchmark.tsv"
     wildcard_constraints:
         method=alternatives(["pas", *BASELINE_METHODS, "full", "scratch"]),
     params:
@@ -137,14 +137,14 @@ rule evaluate:
     """Top-1/top-5, MACs (analytic and ptflops), params, latency and throughput of the plain network."""
     input:
         tracking=tracking_marker,
-        arch="results/models/{method}/{model}/deploy/arch.json",
-        weights="results/models/{method}/{model}/deploy/model.safetensors",
+        arch="results/seed{seed}/models/{method}/{model}/deploy/arch.json",
+        weights="results/seed{seed}/models/{method}/{model}/deploy/model.safetensors",
     output:
-        result="results/models/{method}/{model}/eval.json",
+        result="results/seed{seed}/models/{method}/{model}/eval.json",
     log:
-        "results/models/{method}/{model}/logs/evaluate.log",
+        "results/seed{seed}/models/{method}/{model}/logs/evaluate.log",
     benchmark:
-        "results/models/{method}/{model}/logs/evaluate.benchmark.tsv"
+        "results/seed{seed}/models/{method}/{model}/logs/evaluate.benchmark.tsv"
     wildcard_constraints:
         method=alternatives(["pas", *BASELINE_METHODS, "full", "scratch"]),
     params:

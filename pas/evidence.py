@@ -1,0 +1,369 @@
+"""The paper's claims measured over every seed of a run, from the results table and the masks and
+search histories of every pruned row:
+
+    accuracy       top-1 mean, spread (sample std), min and max per method at each target, and of the
+                   reference rows (CSV, Markdown, LaTeX, and a plot with error bars)
+    convergence    when the gates settle: the search epoch after which the kept channels per layer stay
+                   within 1% of their final counts (and when they stop changing at all)
+    width profile  the fraction of channels kept at each feature-map resolution, per method
+    claims.md      each claim, what was measured and whether it holds here
+
+One row of input per pruned network and seed: `--run method=pas,model=PaS-A,seed=0,masks=PATH,history=PATH`
+(history only for PaS).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from pas.errors import PasError
+from pas.io import atomic_path, atomic_write_text
+from pas.plots import search_progress
+from pas.tables import read_table, tex_escape, to_csv
+
+BASELINES = ("uniform", "bn_gamma", "l1")
+METHOD_ORDER = ("pas", *BASELINES, "full", "scratch")
+RUN_KEYS = ("method", "model", "seed", "masks", "history")
+SETTLE_FRACTION = 0.01  # of the final kept channels: "settled" = within this L1 distance from now on
+
+
+def parse_run_spec(text: str) -> dict[str, str]:
+    spec = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in RUN_KEYS or not value:
+            raise PasError(f"run {text!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(RUN_KEYS)}")
+        spec[key] = value
+    missing = [k for k in ("method", "model", "seed", "masks") if k not in spec]
+    if missing:
+        raise PasError(f"run {text!r} has no {missing[0]}=...")
+    if spec["method"] == "pas" and "history" not in spec:
+        raise PasError(f"run {text!r}: a pas run needs history=PATH (its search history)")
+    return spec
+
+
+def _read(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PasError(f"{path!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise PasError(f"{path!r} is not valid JSON ({e})") from None
+
+
+def spread(values: list[float]) -> dict:
+    """n, mean, sample std (None for one value), min, max."""
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+# -- accuracy --------------------------------------------------------------------------------------
+
+def accuracy_rows(rows: list[dict]) -> list[dict]:
+    """One row per (model, method) over the seeds, in the table's model order, methods as METHOD_ORDER."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"].split("@")[-1], r["method"]), []).append(r)
+    models = list(dict.fromkeys(key[0] for key in groups))
+    out = []
+    for model in models:
+        for method in METHOD_ORDER:
+            rs = groups.get((model, method))
+            if not rs:
+                continue
+            top1 = spread([r["top1"] for r in rs])
+            out.append({"model": model, "backbone": rs[0]["backbone"], "method": method,
+                        "target_macs": rs[0].get("target_macs"), "macs": statistics.fmean(r["macs"] for r in rs),
+                        "seeds": top1["n"], "top1_mean": top1["mean"], "top1_std": top1["std"],
+                        "top1_min": top1["min"], "top1_max": top1["max"],
+                        "top5_mean": statistics.fmean(r["top5"] for r in rs)})
+    return out
+
+
+ACCURACY_COLUMNS = ["model", "backbone", "method", "target_macs", "macs", "seeds", "top1_mean", "top1_std",
+                    "top1_min", "top1_max", "top5_mean"]
+
+
+def _num(value, digits=2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _macs(value) -> str:
+    if value is None:
+        return ""
+    return f"{value / 1e9:.3f}G" if value >= 1e9 else f"{value / 1e6:.3f}M"
+
+
+def _accuracy_cells(r: dict) -> list[str]:
+    std = "" if r["top1_std"] is None else f" ± {r['top1_std']:.2f}"
+    return [r["model"], r["method"], _macs(r["target_macs"]), _macs(r["macs"]), str(r["seeds"]),
+            f"{r['top1_mean']:.2f}{std}", f"{r['top1_min']:.2f}-{r['top1_max']:.2f}"]
+
+
+ACCURACY_HEADINGS = ["model", "method", "target MACs", "MACs", "seeds", "top-1 % (mean ± std)", "top-1 min-max"]
+
+
+def accuracy_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(ACCURACY_HEADINGS) + " |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(_accuracy_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_latex(rows: list[dict]) -> str:
+    lines = ["\\begin{tabular}{llrrrrr}", "\\hline", " & ".join(tex_escape(h) for h in ACCURACY_HEADINGS) + " \\\\",
+             "\\hline"]
+    lines += [" & ".join(tex_escape(c).replace("±", "$\\pm$") for c in _accuracy_cells(r)) + " \\\\" for r in rows]
+    return "\n".join(lines + ["\\hline", "\\end{tabular}"]) + "\n"
+
+
+def plot_accuracy(rows: list[dict]):
+    from pas.plots import MARKERS, _grid
+    backbones = list(dict.fromkeys(r["backbone"] for r in rows if r["method"] not in ("full", "scratch")))
+    fig, axes = _grid(max(1, len(backbones)), width=6, height=4.5)
+    for ax, backbone in zip(axes, backbones):
+        for i, method in enumerate(("pas", *BASELINES)):
+            mine = sorted((r for r in rows if r["backbone"] == backbone and r["method"] == method),
+                          key=lambda r: r["macs"])
+            if mine:
+                ax.errorbar([r["macs"] / 1e6 for r in mine], [r["top1_mean"] for r in mine],
+                            yerr=[r["top1_std"] or 0.0 for r in mine], marker=MARKERS[method], capsize=3,
+                            color=f"C{i}", label=method, ms=9 if method == "pas" else 6)
+        for r in rows:
+            if r["method"] in ("full", "scratch") and r["backbone"] in (backbone, r["model"]) and (
+                    r["method"] == "scratch" or r["model"] == backbone):
+                ax.errorbar([r["macs"] / 1e6], [r["top1_mean"]], yerr=[r["top1_std"] or 0.0],
+                            marker=MARKERS[r["method"]], color="0.3", capsize=3, ls="none")
+                ax.annotate(f"{r['method']} {r['model']}", (r["macs"] / 1e6, r["top1_mean"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        n = max((r["seeds"] for r in rows), default=1)
+        ax.set(title=f"{backbone}: top-1 over {n} seed{'s' * (n > 1)} (mean ± std)", xlabel="MACs (M)",
+               ylabel="top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+# -- convergence -----------------------------------------------------------------------------------
+
+def settle_point(history: dict, fraction: float = SETTLE_FRACTION) -> tuple[float, float]:
+    """(position in search epochs after which the kept counts per layer stay within `fraction` of the
+    final total in L1 distance, position after which they do not change at all). 0.0 = from the
+    first record on."""
+    records = history["records"]
+    if not records:
+        raise PasError("the search history has no records")
+    x = search_progress(history)
+    final = records[-1]["kept"]
+    budget = fraction * sum(final)
+    near = exact = 0.0
+    for i in range(len(records) - 1, -1, -1):
+        distance = sum(abs(a - b) for a, b in zip(records[i]["kept"], final))
+        if distance > 0 and not exact:
+            exact = x[i + 1]
+        if distance > budget:
+            near = x[i + 1]
+            break
+    return near, exact
+
+
+def convergence_rows(runs: list[dict], histories: dict) -> list[dict]:
+    out = []
+    for run in runs:
+        if run["method"] != "pas":
+            continue
+        h = histories[run["history"]]
+        near, exact = settle_point(h)
+        out.append({"model": run["model"], "seed": run["seed"], "settled_epoch": round(near, 3),
+                    "unchanged_from_epoch": round(exact, 3), "final_kept": sum(h["records"][-1]["kept"]),
+                    "full": sum(h["full_widths"])})
+    return out
+
+
+# -- width profile ---------------------------------------------------------------------------------
+
+def keep_by_resolution(masks: dict) -> dict[int, float]:
+    """{feature-map side: kept / full channels of the searchable layers at that side}, largest first."""
+    sizes = masks.get("layer_sizes")
+    if sizes is None:
+        raise PasError("the masks record has no layer_sizes (written by pas search/prune since 0.1)")
+    kept, full = {}, {}
+    for size, w, f in zip(sizes, masks["widths"], masks["full_widths"]):
+        kept[size] = kept.get(size, 0) + w
+        full[size] = full.get(size, 0) + f
+    return {s: kept[s] / full[s] for s in sorted(kept, reverse=True)}
+
+
+def profile_rows(runs: list[dict], masks: dict, backbones: dict[str, str]) -> list[dict]:
+    groups: dict[tuple[str, str], list[dict[int, float]]] = {}
+    for run in runs:
+        groups.setdefault((run["model"], run["method"]), []).append(keep_by_resolution(masks[run["masks"]]))
+    out = []
+    for (model, method), profiles in groups.items():
+        for size in profiles[0]:
+            s = spread([p[size] for p in profiles])
+            out.append({"model": model, "backbone": backbones.get(model, ""), "method": method, "resolution": size,
+                        "seeds": s["n"], "keep_mean": round(s["mean"], 4),
+                        "keep_std": None if s["std"] is None else round(s["std"], 4)})
+    return out
+
+
+def early_pruned_harder(masks: dict) -> bool:
+    """The highest-resolution layers keep a smaller fraction than all lower-resolution ones together."""
+    sizes = masks["layer_sizes"]
+    top = max(sizes)
+    hi = [(w, f) for s, w, f in zip(sizes, masks["widths"], masks["full_widths"]) if s == top]
+    lo = [(w, f) for s, w, f in zip(sizes, masks["widths"], masks["full_widths"]) if s != top]
+    if not lo:
+        return False
+    return sum(w for w, _ in hi) / sum(f for _, f in hi) < sum(w for w, _ in lo) / sum(f for _, f in lo)
+
+
+# -- claims ----------------------------------------------------------------------------------------
+
+def _pm(r: dict) -> str:
+    return f"{r['top1_mean']:.2f}" + ("" if r["top1_std"] is None else f" ± {r['top1_std']:.2f}")
+
+
+def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs: list[dict], masks: dict,
+                    search_epochs: int) -> str:
+    seeds = max((r["seeds"] for r in acc), default=0)
+    lines = [f"# The paper's claims at this run's scale ({seeds} seed{'s' * (seeds != 1)})", ""]
+    # 1. PaS vs the baselines at equal MACs
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in acc:
+        by_model.setdefault(r["model"], {})[r["method"]] = r
+    targets = [m for m, g in by_model.items() if "pas" in g and any(b in g for b in BASELINES)]
+    wins = clear = 0
+    detail = []
+    for m in targets:
+        g = by_model[m]
+        pas = g["pas"]
+        others = [g[b] for b in BASELINES if b in g]
+        best = max(others, key=lambda r: r["top1_mean"])
+        margin = pas["top1_mean"] - best["top1_mean"]
+        wins += margin > 0
+        apart = pas["top1_std"] is not None and best["top1_std"] is not None and \
+            pas["top1_mean"] - pas["top1_std"] > best["top1_mean"] + best["top1_std"]
+        clear += apart
+        detail.append(f"| {m} | {_macs(pas['target_macs'])} | {_pm(pas)} | " +
+                      " | ".join(_pm(g[b]) if b in g else "" for b in BASELINES) +
+                      f" | {best['method']} | {margin:+.2f} |")
+    lines += ["## 1. PaS beats uniform width and magnitude pruning at equal MACs",
+              "Paper: +0.3 to +2.7 top-1 over the baselines at equal MACs (ImageNet, RepVGG-B1).", "",
+              "| model | target | PaS | uniform | BN-gamma | L1 | best baseline | PaS − best |",
+              "|---|---:|---:|---:|---:|---:|---|---:|", *detail, "",
+              f"Measured: PaS has the best mean top-1 at {wins} of {len(targets)} targets; at {clear} of them "
+              f"its mean minus one std is above the best baseline's mean plus one std.",
+              f"**Verdict: {'holds' if targets and wins == len(targets) else 'holds in part' if wins else 'does not hold'}"
+              f"** at this scale.", ""]
+    # 1b. PaS vs the smaller family members trained from scratch at similar MACs
+    scratch = [r for r in acc if r["method"] == "scratch"]
+    pairs = []
+    for s in scratch:
+        close = [by_model[m]["pas"] for m in targets
+                 if abs(by_model[m]["pas"]["macs"] - s["macs"]) <= 0.05 * s["macs"]]
+        if close:
+            p = min(close, key=lambda r: abs(r["macs"] - s["macs"]))
+            pairs.append((p, s))
+    if pairs:
+        lines += ["## 1b. PaS beats the uniform smaller family member at similar MACs",
+                  "Paper: about +1.0 top-1 over uniform RepVGG at similar speed.", "",
+                  "| PaS | MACs | top-1 | from scratch | MACs | top-1 | difference |", "|---|---:|---:|---|---:|---:|---:|"]
+        lines += [f"| {p['model']} | {_macs(p['macs'])} | {_pm(p)} | {s['model']} | {_macs(s['macs'])} | {_pm(s)} | "
+                  f"{p['top1_mean'] - s['top1_mean']:+.2f} |" for p, s in pairs]
+        better = sum(p["top1_mean"] > s["top1_mean"] for p, s in pairs)
+        lines += ["", f"**Verdict: {'holds' if better == len(pairs) else 'holds in part' if better else 'does not hold'}"
+                      f"** ({better} of {len(pairs)} pairs).", ""]
+    # 2. convergence
+    if conv:
+        latest = max(c["settled_epoch"] for c in conv)
+        lines += ["## 2. The gates settle within the search epochs",
+                  f"Paper: kept counts settle well within the 10 search epochs. Measured over {len(conv)} searches "
+                  f"of {search_epochs} epochs: the kept channels per layer stay within 1% of their final counts "
+                  f"from search epoch {statistics.fmean(c['settled_epoch'] for c in conv):.2f} on average "
+                  f"(latest {latest:.2f}); they stop changing at all from epoch "
+                  f"{statistics.fmean(c['unchanged_from_epoch'] for c in conv):.2f} on average "
+                  f"(latest {max(c['unchanged_from_epoch'] for c in conv):.2f}).", "",
+                  "| model | seed | within 1% from epoch | unchanged from epoch | kept / full channels |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {c['model']} | {c['seed']} | {c['settled_epoch']:.2f} | {c['unchanged_from_epoch']:.2f} | "
+                  f"{c['final_kept']} / {c['full']} |" for c in conv]
+        lines += ["", f"**Verdict: {'holds' if latest <= search_epochs - 1 else 'does not hold'}** (settled before "
+                      f"the last search epoch in {sum(c['settled_epoch'] <= search_epochs - 1 for c in conv)} of "
+                      f"{len(conv)} searches).", ""]
+    # 3. width profile
+    pas_runs = [r for r in runs if r["method"] == "pas"]
+    if pas_runs:
+        harder = sum(early_pruned_harder(masks[r["masks"]]) for r in pas_runs)
+        lines += ["## 3. Early high-resolution layers are pruned harder",
+                  "Paper: the high-resolution early stages keep 12-26% of their channels, stage 3 keeps "
+                  "43-65% (RepVGG-B1).", "",
+                  "| model | method | keep fraction per feature-map side (mean over seeds) |", "|---|---|---|"]
+        for (model, method) in dict.fromkeys((p["model"], p["method"]) for p in profile):
+            cells = ", ".join(f"{p['resolution']}px {100 * p['keep_mean']:.0f}%" for p in profile
+                              if p["model"] == model and p["method"] == method)
+            lines.append(f"| {model} | {method} | {cells} |")
+        lines += ["", f"Measured: in {harder} of {len(pas_runs)} PaS searches the highest-resolution layers keep a "
+                      f"smaller fraction than all lower-resolution layers together.",
+                  f"**Verdict: {'holds' if harder == len(pas_runs) else 'holds in part' if harder else 'does not hold'}**.",
+                  ""]
+    return "\n".join(lines)
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+def make_evidence(table: str | Path, runs: list[dict], out_dir: str | Path, search_epochs: int) -> list[Path]:
+    rows = read_table(table)
+    if not rows:
+        raise PasError(f"{str(table)!r} has no rows")
+    masks = {r["masks"]: _read(r["masks"]) for r in runs}
+    histories = {r["history"]: _read(r["history"]) for r in runs if "history" in r}
+    acc = accuracy_rows(rows)
+    conv = convergence_rows(runs, histories)
+    backbones = {r["model"].split("@")[-1]: r["backbone"] for r in rows}
+    profile = profile_rows(runs, masks, backbones)
+    out_dir = Path(out_dir)
+    written = {
+        "accuracy.csv": to_csv(acc, ACCURACY_COLUMNS),
+        "accuracy.md": accuracy_markdown(acc),
+        "accuracy.tex": accuracy_latex(acc),
+        "convergence.csv": to_csv(conv, ["model", "seed", "settled_epoch", "unchanged_from_epoch", "final_kept", "full"]),
+        "width_profile.csv": to_csv(profile, ["model", "backbone", "method", "resolution", "seeds", "keep_mean",
+                                              "keep_std"]),
+        "claims.md": claims_markdown(acc, conv, profile, runs, masks, search_epochs),
+    }
+    paths = []
+    for name, text in written.items():
+        atomic_write_text(out_dir / name, text)
+        paths.append(out_dir / name)
+    fig = plot_accuracy(acc)
+    fig.tight_layout()
+    for fmt in ("png", "pdf"):
+        path = out_dir / f"accuracy.{fmt}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def main(args) -> int:
+    if args.search_epochs < 1:
+        raise PasError(f"--search-epochs {args.search_epochs}: expected a positive integer")
+    runs = [parse_run_spec(text) for text in args.run]
+    for path in make_evidence(args.table, runs, args.out_dir, args.search_epochs):
+        print(path)
+    return 0
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("evidence", help="the paper's claims over every seed (accuracy spread, gate "
+                                        "convergence, width profile) from the results table and the masks")
+    p.add_argument("--table", required=True, help="the CSV written by pas tables (every seed's rows)")
+    p.add_argument("--run", action="append", required=True, metavar="method=M,model=N,seed=S,masks=PATH[,history=PATH]",
+                   help="one pruned network of one seed (repeat); history: a PaS search's history")
+    p.add_argument("--search-epochs", type=int, required=True, help="epochs of every search (the claim's horizon)")
+    p.add_argument("--out-dir", required=True, help="writes accuracy.{csv,md,tex,png,pdf}, convergence.csv, "
+                                                    "width_profile.csv and claims.md here")
+    p.set_defaults(func=main)

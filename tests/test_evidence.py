@@ -1,0 +1,117 @@
+"""pas.evidence: the aggregation over seeds, the gate settle point, the width profile and the claims'
+verdicts, on inputs small enough to compute by hand; the CLI's errors."""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+import pas.models
+from pas.errors import PasError
+from pas.evidence import (accuracy_rows, claims_markdown, early_pruned_harder, keep_by_resolution,
+                          parse_run_spec, settle_point, spread)
+
+
+def history(kept_per_record, steps_per_epoch=2):
+    records = [{"epoch": i // steps_per_epoch + 1, "step": i % steps_per_epoch, "record": i, "macs": 0, "kept": k}
+               for i, k in enumerate(kept_per_record)]
+    return {"full_widths": [4, 4], "records": records}
+
+
+def test_spread_is_the_sample_mean_and_std():
+    s = spread([90.0, 92.0, 94.0])
+    assert s == {"n": 3, "mean": 92.0, "std": 2.0, "min": 90.0, "max": 94.0}
+    assert spread([91.5])["std"] is None
+
+
+def test_settle_point_is_the_first_record_after_the_last_change():
+    # positions in epochs: 0, 0.5, 1, 1.5, 2, 2.5; the counts last change at the 4th record (1.5)
+    h = history([[4, 4], [3, 4], [2, 4], [2, 3], [2, 3], [2, 3]])
+    assert settle_point(h) == (1.5, 1.5)
+    # within 25% of the final 5 channels (1.25): the 3rd record (distance 1) is near enough, the 2nd
+    # (distance 2) is not: settled from 1.0 on, unchanged from 1.5 on
+    assert settle_point(h, fraction=0.25) == (1.0, 1.5)
+    assert settle_point(history([[4, 4]] * 4)) == (0.0, 0.0)
+    with pytest.raises(PasError, match="no records"):
+        settle_point({"full_widths": [4], "records": []})
+
+
+def test_keep_fraction_per_resolution_and_the_early_layers_verdict():
+    masks = {"widths": [2, 4, 8, 8], "full_widths": [8, 8, 16, 16], "layer_sizes": [14, 14, 7, 4]}
+    assert keep_by_resolution(masks) == {14: 6 / 16, 7: 0.5, 4: 0.5}
+    assert early_pruned_harder(masks)  # 6/16 at 14px < 16/32 below
+    assert not early_pruned_harder({**masks, "widths": [8, 8, 8, 8]})  # 16/16 > 16/32
+    with pytest.raises(PasError, match="no layer_sizes"):
+        keep_by_resolution({"widths": [1], "full_widths": [2]})
+
+
+def test_layer_sizes_are_the_resolution_of_every_searchable_layer():
+    rep = pas.models.arch_for("repvgg_b0_mini", num_classes=10, in_channels=1, resolution=28)
+    assert rep.searchable_sizes() == rep.feature_sizes() and len(rep.searchable_sizes()) == len(rep.widths)
+    mb = pas.models.arch_for("mobilenetv2_100", num_classes=1000, in_channels=3, resolution=224)
+    sizes = mb.searchable_sizes()
+    assert len(sizes) == len(mb.searchable_widths()) == 16  # every block but the first expands
+    assert sizes[0] == 56 and sizes[-1] == 7 and sizes == sorted(sizes, reverse=True)
+
+
+def row(model, method, top1, seed, macs=1e6, backbone="b"):
+    return {"model": model, "method": method, "seed": seed, "backbone": backbone, "target_macs": macs,
+            "macs": macs, "top1": top1, "top5": 100.0}
+
+
+def test_accuracy_rows_aggregate_each_method_and_target_over_the_seeds():
+    rows = [row("PaS-A", "pas", t, s) for s, t in enumerate((90.0, 91.0, 95.0))]
+    rows += [row("uniform@PaS-A", "uniform", t, s) for s, t in enumerate((89.0, 89.0, 92.0))]
+    rows += [row("b", "full", 96.0, s, macs=2e6) for s in range(3)]
+    acc = accuracy_rows(rows)
+    assert [(r["model"], r["method"], r["seeds"]) for r in acc] == [("PaS-A", "pas", 3), ("PaS-A", "uniform", 3),
+                                                                     ("b", "full", 3)]
+    assert acc[0]["top1_mean"] == pytest.approx(92.0)
+    assert acc[0]["top1_std"] == pytest.approx(statistics.stdev([90.0, 91.0, 95.0]))
+    assert (acc[1]["top1_min"], acc[1]["top1_max"]) == (89.0, 92.0)
+    assert acc[2]["top1_std"] == 0.0
+
+
+def test_claims_state_measured_margins_and_honest_verdicts():
+    rows = [row("PaS-A", "pas", t, s) for s, t in enumerate((90.0, 91.0))]
+    rows += [row("l1@PaS-A", "l1", t, s) for s, t in enumerate((80.0, 81.0))]
+    rows += [row("PaS-B", "pas", t, s, macs=2e6) for s, t in enumerate((90.0, 91.0))]
+    rows += [row("uniform@PaS-B", "uniform", t, s, macs=2e6) for s, t in enumerate((92.0, 93.0))]
+    rows += [row("a0", "scratch", t, s, macs=1.01e6) for s, t in enumerate((89.0, 90.0))]
+    acc = accuracy_rows(rows)
+    masks = {"m": {"widths": [1, 4], "full_widths": [4, 4], "layer_sizes": [8, 4]}}
+    runs = [{"method": "pas", "model": "PaS-A", "seed": "0", "masks": "m"}]
+    conv = [{"model": "PaS-A", "seed": "0", "settled_epoch": 9.5, "unchanged_from_epoch": 9.9, "final_kept": 5,
+             "full": 8}]
+    text = claims_markdown(acc, conv, [], runs, masks, search_epochs=10)
+    assert "| PaS-A | 1.000M | 90.50 ± 0.71 |  |  | 80.50 ± 0.71 | l1 | +10.00 |" in text
+    assert "| PaS-B | 2.000M | 90.50 ± 0.71 | 92.50 ± 0.71 |  |  | uniform | -2.00 |" in text
+    assert "best mean top-1 at 1 of 2 targets; at 1 of them" in text
+    assert "**Verdict: holds in part** at this scale." in text
+    assert "| PaS-A | 1.000M | 90.50 ± 0.71 | a0 | 1.010M | 89.50 ± 0.71 | +1.00 |" in text  # within 5% of MACs
+    assert "**Verdict: does not hold** (settled before the last search epoch in 0 of 1 searches)." in text
+    assert "in 1 of 1 PaS searches the highest-resolution layers keep a smaller fraction" in text
+
+
+def test_run_specs_and_cli_errors(tmp_path):
+    assert parse_run_spec("method=l1,model=PaS-A,seed=0,masks=m.json") == {
+        "method": "l1", "model": "PaS-A", "seed": "0", "masks": "m.json"}
+    with pytest.raises(PasError, match=r"a pas run needs history=PATH"):
+        parse_run_spec("method=pas,model=PaS-A,seed=0,masks=m.json")
+    with pytest.raises(PasError, match=r"'colour=red' is not KEY=VALUE"):
+        parse_run_spec("method=l1,colour=red")
+    table = tmp_path / "main.csv"
+    table.write_text("model,method,seed,backbone,target_macs,macs,top1,top5,widths\nPaS-A,l1,0,b,1,1,50,90,1 2\n")
+    r = subprocess.run([sys.executable, "-m", "pas.cli", "evidence", "--table", str(table), "--run",
+                        f"method=l1,model=PaS-A,seed=0,masks={tmp_path / 'missing.json'}", "--search-epochs", "10",
+                        "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"pas: error: '{tmp_path / 'missing.json'}' does not exist"]
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "m.json").write_text(json.dumps({"widths": [1], "full_widths": [2], "layer_sizes": [4]}))
+    r = subprocess.run([sys.executable, "-m", "pas.cli", "evidence", "--table", str(table), "--run",
+                        f"method=l1,model=PaS-A,seed=0,masks={tmp_path / 'm.json'}", "--search-epochs", "0",
+                        "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "pas: error: --search-epochs 0: expected a positive integer"
