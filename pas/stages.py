@@ -180,7 +180,10 @@ def _finish_training(tracker, out_weights, model, metrics_path, metrics, state_p
     for a in artifacts:
         tracker.artifact(a)
     tracker.artifact(metrics_path)
-    tracker.metrics({k: v for k, v in metrics.items() if k.startswith(("final_", "wall_", "macs", "target"))})
+    # after the last epoch's step: MLflow shows these (the final masks' MACs, not the last epoch's
+    # gated MACs) as the run's values
+    tracker.metrics({k: v for k, v in metrics.items() if k.startswith(("final_", "wall_", "macs", "target"))},
+                    step=int(metrics.get("epochs") or 0) + 1)
     tracker.finish(True)
     Path(state_path).unlink(missing_ok=True)
 

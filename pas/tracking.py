@@ -7,8 +7,10 @@ location so every process, wherever it runs from, stores artifacts in the same f
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
+import uuid
 from pathlib import Path
 
 from pas.config import flatten
@@ -67,6 +69,8 @@ class Tracker:
                 **{k: str(v) for k, v in cfg["tags"].items()}}
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        # the record's id tags its MLflow run, here and when ingested: a record is in a store once
+        tags["pas_record"] = uuid.uuid4().hex
         self.record = {"run_name": run_name, "tags": tags,
                        "params": {k: str(v)[:6000] for k, v in flatten(cfg).items()},
                        "metrics": [], "artifacts": []}
@@ -145,9 +149,11 @@ def ingest(records: list[str | Path], *, uri: str, experiment: str, artifact_roo
             rec = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise PasError(f"run record {str(path)!r} cannot be read: {e}") from None
-        key = f"{path}:{path.stat().st_mtime_ns}"
+        key = rec["tags"].get("pas_record") or f"{path}:{path.stat().st_mtime_ns}"
+        if not re.fullmatch(r"[\w/.:-]+", key):
+            raise PasError(f"run record {str(path)!r} has the id {key!r}; expected letters, digits and /.:_-")
         found = client.search_runs([exp_id], filter_string=f"tags.pas_record = '{key}'", max_results=1)
-        if found:
+        if found:  # ingested before, or logged directly by the job that wrote the record
             continue
         _, run_id = _start_run(uri, experiment, artifact_root, rec["run_name"],
                                {**rec["tags"], "pas_record": key}, rec["params"])

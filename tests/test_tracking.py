@@ -44,3 +44,28 @@ def test_records_rebuild_the_store(tmp_path):
     assert subprocess.run(ingest, check=True, capture_output=True, text=True).stdout.strip() == "2"
     _, again = _runs(uri)
     assert sorted(r.data.tags["stage"] for r in again) == ["pretrain", "prune"]
+
+
+def test_ingest_skips_runs_the_jobs_logged_directly(tmp_path):
+    """In direct mode the job logged its run already: ingesting its record adds nothing; after the
+    store is deleted, the same record rebuilds the run with the same id, tags and metrics."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "pre.json"
+    subprocess.run([*PAS, "tracking-init", "--uri", uri, "--experiment", "pas", "--artifact-root",
+                    str(tmp_path / "art")], check=True, capture_output=True)
+    subprocess.run([*PAS, "pretrain", "--set", "backbone=repvgg_a0_mini", "--set", "dataset.max_train=200",
+                    "--set", "dataset.max_val=100", "--set", "epochs=1", "--set", f"tracking.uri={uri}", "--set",
+                    f"tracking.artifact_root={tmp_path / 'art'}", "--out-weights", str(tmp_path / "pre.pt"),
+                    "--out-metrics", str(out)], check=True, capture_output=True)
+    record = json.loads((tmp_path / "pre.run.json").read_text())
+    _, (direct,) = _runs(uri)
+    assert direct.data.tags["pas_record"] == record["tags"]["pas_record"] and len(record["tags"]["pas_record"]) == 32
+    ingest = [*PAS, "tracking-ingest", str(tmp_path), "--uri", uri, "--artifact-root", str(tmp_path / "art")]
+    assert subprocess.run(ingest, check=True, capture_output=True, text=True).stdout.strip() == "0"
+    (tmp_path / "mlflow.db").unlink()
+    assert subprocess.run(ingest, check=True, capture_output=True, text=True).stdout.strip() == "1"
+    _, (rebuilt,) = _runs(uri)
+    assert {k: v for k, v in rebuilt.data.tags.items() if not k.startswith("mlflow.")} == \
+        {k: v for k, v in direct.data.tags.items() if not k.startswith("mlflow.")}
+    assert rebuilt.data.metrics == direct.data.metrics
+    assert rebuilt.data.metrics["final_top1"] == json.loads(out.read_text())["final_top1"]

@@ -221,6 +221,7 @@ def test_mlflow_has_one_run_per_stage_and_network(tiny_run):
         masks = json.loads((tiny_run / "results" / "seed0" / "models" / "pas" / run.data.tags["model"] / "search" /
                             "masks.json").read_text())
         assert run.data.metrics["target_macs"] == masks["target_macs"] >= masks["macs"]
+        assert run.data.metrics["macs"] == masks["macs"]  # the final masks', not the last epoch's gated MACs
 
 
 def test_a_second_run_has_nothing_to_do(tiny_run):
