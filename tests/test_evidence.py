@@ -90,6 +90,8 @@ def test_claims_state_measured_margins_and_honest_verdicts():
     assert "| PaS-A | 1.000M | 90.50 ± 0.71 |  |  | 80.50 ± 0.71 | l1 | +10.00 |" in text
     assert "| PaS-B | 2.000M | 90.50 ± 0.71 | 92.50 ± 0.71 |  |  | uniform | -2.00 |" in text
     assert "best mean top-1 at 1 of 2 targets; at 1 of them" in text
+    assert ("Against each baseline: uniform: PaS ahead at 0 of 1 targets, by -2.00 on average; "
+            "l1: PaS ahead at 1 of 1 targets, by +10.00 on average.") in text
     assert "**Verdict: holds in part** at this scale." in text
     assert "| PaS-A | 1.000M | 90.50 ± 0.71 | a0 | 1.010M | 89.50 ± 0.71 | +1.00 |" in text  # within 5% of MACs
     assert "**Verdict: does not hold** (settled before the last search epoch in 0 of 1 searches)." in text
