@@ -80,12 +80,17 @@ class MacsPenalty(nn.Module):
 
 
 def adjust_masks(arch: Architecture, masks: list[torch.Tensor], scores: list[torch.Tensor], target: int, *,
-                 tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1) -> list[torch.Tensor]:
+                 tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1,
+                 max_swaps: int = 64) -> list[torch.Tensor]:
     """Fewest channel flips, lowest/highest scores first, so that target*(1-tol) <= MACs <= target.
 
     First drop kept channels in ascending score until MACs <= target, then add dropped channels in
     descending score wherever one still fits under the target. Used by PaS (scores = gate weights)
     and by the magnitude baselines (all kept at first, scores = magnitudes: global ranking).
+    When every dropped channel costs more than the gap left (a ranking that dropped only channels of
+    expensive, high-resolution layers), channels are swapped: one dropped channel in, one kept channel
+    of another layer out, the pair that brings the MACs closest to the target (within it, the best
+    scores), until the MACs are within the tolerance.
     """
     keep = [m.detach().bool().cpu().clone() for m in masks]
     score = [s.detach().float().cpu() for s in scores]
@@ -99,18 +104,58 @@ def adjust_masks(arch: Architecture, masks: list[torch.Tensor], scores: list[tor
             keep[li][j] = False
             counts[li] -= 1
             macs = int(arch.macs(counts))
-    for _, li, j in reversed(flat):  # descending: add back the most important that still fit
-        if not keep[li][j]:
-            counts[li] += 1
-            trial = int(arch.macs(counts))
-            if trial <= target:
-                keep[li][j], macs = True, trial
-            else:
-                counts[li] -= 1
+
+    def fill(macs: int) -> int:
+        for _, li, j in reversed(flat):  # descending: add back the most important that still fit
+            if not keep[li][j]:
+                counts[li] += 1
+                trial = int(arch.macs(counts))
+                if trial <= target:
+                    keep[li][j], macs = True, trial
+                else:
+                    counts[li] -= 1
+        return macs
+
+    macs = fill(macs)
+    for _ in range(max_swaps):
+        if target - macs <= tolerance * target:
+            break
+        swap = _best_swap(arch, keep, score, counts, macs, target, tolerance, min_channels)
+        if swap is None:
+            break
+        (a, ja), (b, jb) = swap
+        keep[a][ja], keep[b][jb] = True, False
+        counts[a] += 1
+        counts[b] -= 1
+        macs = fill(int(arch.macs(counts)))
     if abs(macs - target) > tolerance * target:
         raise PasError(f"cannot reach target {target} MACs within {tolerance:.1%}: the closest "
                        f"mask gives {macs} MACs")
     return keep
+
+
+def _best_swap(arch, keep, score, counts, macs, target, tolerance, min_channels):
+    """((layer in, channel), (layer out, channel)) that raises the MACs the most without passing the
+    target; among the pairs that land within the tolerance, the one with the best score gain."""
+    best_in = {li: max((float(s[j]), j) for j in range(s.numel()) if not keep[li][j])
+               for li, s in enumerate(score) if not bool(keep[li].all())}
+    worst_out = {li: min((float(s[j]), j) for j in range(s.numel()) if keep[li][j])
+                 for li, s in enumerate(score) if counts[li] > min_channels}
+    best, best_key = None, None
+    for a, (sa, ja) in best_in.items():
+        for b, (sb, jb) in worst_out.items():
+            if a == b:
+                continue
+            trial = list(counts)
+            trial[a] += 1
+            trial[b] -= 1
+            m = int(arch.macs(trial))
+            if not macs < m <= target:
+                continue
+            key = (target - m <= tolerance * target, sa - sb if target - m <= tolerance * target else m)
+            if best_key is None or key > best_key:
+                best, best_key = ((a, ja), (b, jb)), key
+    return best
 
 
 @dataclass

@@ -188,3 +188,20 @@ def test_tag_overrides_accumulate():
     from pas.config import load_config
     cfg = load_config(None, ["tags.variant=PaS-A", "tags.target=40%", "optim.lr=0.05"])
     assert cfg["tags"] == {"variant": "PaS-A", "target": "40%"} and cfg["optim"]["lr"] == 0.05
+
+
+def test_landing_swaps_channels_when_only_expensive_ones_were_dropped():
+    """L1 scores of a randomly initialised repvgg_b0_mini drop only channels of expensive layers on
+    the way to 1.0M MACs: adding any of them back overshoots and the greedy pass alone ends 1.05%
+    short. Swapping a dropped channel in and a kept channel of another layer out lands within 1%."""
+    from pas.pruners import l1_scores
+    torch.manual_seed(0)
+    model = M.build("repvgg_b0_mini", num_classes=10, in_channels=1, resolution=28)
+    arch, target = model.arch, 1_000_000
+    everything = [torch.ones(w, dtype=torch.bool) for w in arch.searchable_widths()]
+    scores = l1_scores(model)
+    with pytest.raises(PasError, match=r"cannot reach target 1000000 MACs within 1.0%: the closest mask gives 989548"):
+        adjust_masks(arch, everything, scores, target, max_swaps=0)
+    masks = adjust_masks(arch, everything, scores, target)
+    macs = arch.macs([int(m.sum()) for m in masks])
+    assert 0.99 * target <= macs <= target
