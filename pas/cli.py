@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv)  # a stage re-runs itself under torchrun with these arguments
     try:
         return args.func(args)
     except PasError as e:

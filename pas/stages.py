@@ -372,7 +372,7 @@ def _run(fn, *names):
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         cfg = load_config(args.config, args.overrides)  # bad configs fail once, before any launch
         if args.nproc_per_node > 1 and "RANK" not in os.environ:
-            return _launch_distributed(args.nproc_per_node)
+            return _launch_distributed(args.nproc_per_node, getattr(args, "argv", sys.argv[1:]))
         kwargs = {n: getattr(args, n) for n in names}
         try:
             fn(cfg, **kwargs)
@@ -384,10 +384,10 @@ def _run(fn, *names):
     return handler
 
 
-def _launch_distributed(nproc: int) -> int:
-    """Re-run this very command under torchrun with N local processes."""
+def _launch_distributed(nproc: int, argv: list[str]) -> int:
+    """Re-run this very command (`argv`, as the CLI was given it) under torchrun with N local processes."""
     from torch.distributed.run import main as torchrun
-    argv = [a for a in sys.argv[1:]]
+    argv = list(argv)
     i = argv.index("--nproc-per-node") if "--nproc-per-node" in argv else None
     if i is not None:
         del argv[i:i + 2]

@@ -152,14 +152,15 @@ def test_ddp_step_gradients_equal_single_process(tmp_path):
 
 
 def test_launcher_strips_its_flag(monkeypatch):
-    """_launch_distributed re-runs the very command under torchrun, without --nproc-per-node."""
-    from pas import stages
+    """A stage given --nproc-per-node re-runs the very command it was given (by pas.cli.main's
+    argv, not sys.argv) under torchrun, without --nproc-per-node."""
+    from pas import cli
     seen, nproc = {}, 2
     monkeypatch.setattr("torch.distributed.run.main", lambda argv: seen.setdefault("argv", argv))
+    monkeypatch.setattr(sys, "argv", ["python", "-m", "pytest", "something else"])
     for form in (["--nproc-per-node", str(nproc)], [f"--nproc-per-node={nproc}"]):
-        monkeypatch.setattr(sys, "argv", ["pas", "--debug", "pretrain", *form, "--set", "epochs=1",
-                                          "--out-weights", "w.pt", "--out-metrics", "m.json"])
         seen.clear()
-        assert stages._launch_distributed(nproc) == 0
+        assert cli.main(["--debug", "pretrain", *form, "--set", "epochs=1", "--out-weights", "w.pt",
+                         "--out-metrics", "m.json"]) == 0
         assert seen["argv"] == ["--standalone", f"--nproc-per-node={nproc}", "-m", "pas.cli", "--debug",
                                 "pretrain", "--set", "epochs=1", "--out-weights", "w.pt", "--out-metrics", "m.json"]
