@@ -95,7 +95,7 @@ class Trainer:
                  epochs: int, optim: OptimConfig, seed: int = 0, state_path: str | Path | None = None,
                  penalty: Callable | None = None, on_step: Callable | None = None,
                  on_epoch: Callable | None = None, world: World | None = None, amp: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, fingerprint: str | None = None):
         if not isinstance(epochs, int) or epochs < 0:
             raise PasError(f"epochs must be a non-negative integer, got {epochs!r}")
         self.world = world or World()
@@ -110,6 +110,9 @@ class Trainer:
         self.channels_last = first is not None and self.world.device.type == "cuda" and \
             first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
         self.progress = progress
+        # what the state file must have been written for (the stage's config and inputs): a state
+        # left by a killed run of another config is not resumed
+        self.fingerprint = fingerprint
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if ".gate." not in n], "lr_scale": 1.0},
                   {"params": [p for n, p in named if ".gate." in n], "lr_scale": optim.gate_lr_scale}]
@@ -132,6 +135,12 @@ class Trainer:
             return False
         try:
             state = torch.load(self.state_path, map_location=self.world.device, weights_only=True)
+            written_for = state.get("fingerprint")
+            if self.fingerprint and written_for and written_for != self.fingerprint:
+                if self.world.main:
+                    print(f"training state {str(self.state_path)!r} was written for another configuration or "
+                          f"input; starting over", file=sys.stderr, flush=True)
+                return False
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             start, history, metrics = int(state["epoch"]), list(state["history"]), list(state["metrics"])
@@ -148,7 +157,7 @@ class Trainer:
 
     def save_state(self, epoch: int) -> None:
         if self.state_path and self.world.main:
-            atomic_torch_save({"epoch": epoch, "model": self.model.state_dict(),
+            atomic_torch_save({"epoch": epoch, "fingerprint": self.fingerprint, "model": self.model.state_dict(),
                                "optimizer": self.optimizer.state_dict(), "history": self.history,
                                "metrics": self.metrics}, self.state_path)
 

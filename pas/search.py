@@ -170,7 +170,7 @@ class SearchResult:
 
 def search(model: nn.Module, train_loader, *, target, epochs: int = 10, optim=None,
            alpha: float = DEFAULT_ALPHA, min_channels: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-           history_every: int = 10, val_loader=None, seed: int = 0, state_path=None, on_epoch=None,
+           history_every: int = 10, val_loader=None, seed: int = 0, state_path=None, fingerprint=None, on_epoch=None,
            world=None, progress: bool = False) -> SearchResult:
     """Train weights and DBC gates jointly on CE + MACs penalty, then land on the target.
 
@@ -184,7 +184,7 @@ def search(model: nn.Module, train_loader, *, target, epochs: int = 10, optim=No
     penalty = MacsPenalty(arch, target_macs, alpha)
     trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=epochs,
                       optim=optim or OptimConfig(lr=0.02, schedule="constant"), seed=seed,
-                      state_path=state_path, penalty=penalty, on_epoch=on_epoch, world=world,
+                      state_path=state_path, fingerprint=fingerprint, penalty=penalty, on_epoch=on_epoch, world=world,
                       progress=progress)
 
     def record(epoch, step, macs):

@@ -6,6 +6,7 @@ and logs to MLflow when tracking is on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -129,6 +130,23 @@ def _state_path(out: str) -> Path:
     return p.with_name(f".{p.name}{STATE_SUFFIX}")
 
 
+# Stage config keys that do not change what a stage computes: a changed one keeps a training state.
+_NOT_RESULTS = ("threads", "progress", "tracking", "tags", "workers")
+
+
+def _fingerprint(cfg: dict, *inputs: str | None) -> str:
+    """What a training state is written for: the stage config (less _NOT_RESULTS) and the bytes of
+    its input files. A state left by a killed run of another config or input is not resumed."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k not in _NOT_RESULTS}, sort_keys=True,
+                                  default=str).encode())
+    for path in inputs:
+        if path:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 def _check_writable(*outputs: str) -> None:
     for out in outputs:
         parent = Path(out).parent
@@ -158,10 +176,11 @@ def _remove_leftovers(out: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _trainer(cfg, model, stage: str, tracker, state, train_loader, val_loader, world):
+def _trainer(cfg, model, stage: str, tracker, state, train_loader, val_loader, world, inputs=()):
     from pas.engine import OptimConfig, Trainer
     return Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
                    optim=OptimConfig(**cfg["optim"]), seed=cfg["seed"], state_path=state,
+                   fingerprint=_fingerprint(cfg, *inputs),
                    on_epoch=_epoch_logger(tracker, stage, cfg["epochs"]), world=world, amp=cfg["amp"],
                    progress=_progress(cfg))
 
@@ -235,7 +254,8 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     result = run_search(model, train_loader, target=s["target"], epochs=cfg["epochs"],
                         optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
                         tolerance=s["tolerance"], history_every=s["history_every"], val_loader=val_loader,
-                        seed=cfg["seed"], state_path=state, world=world, progress=_progress(cfg),
+                        seed=cfg["seed"], state_path=state, fingerprint=_fingerprint(cfg, weights),
+                        world=world, progress=_progress(cfg),
                         on_epoch=on_epoch)
     wall = time.perf_counter() - t0
     if not world.main:
@@ -293,7 +313,8 @@ def finetune(cfg: dict, *, weights: str, masks: str, out_weights: str, out_metri
     tracker = _tracker(cfg, "finetune", world, out_metrics)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
-    rows = _trainer(cfg, model, "finetune", tracker, state, train_loader, val_loader, world).fit()
+    rows = _trainer(cfg, model, "finetune", tracker, state, train_loader, val_loader, world,
+                    inputs=(weights, masks)).fit()
     metrics = _training_metrics(cfg, "finetune", rows, t0,
                                 macs=int(model.arch.macs([int(m.sum()) for m in mask_list])))
     if world.main:

@@ -257,6 +257,28 @@ def test_pretrain_resumes_after_kill_to_identical_weights(tmp_path):
     assert not (k / "out/.w.pt.state.pt").exists()
 
 
+def test_a_state_left_by_another_config_is_not_resumed(tmp_path):
+    """A killed run's training state is resumed only by the same stage config and inputs: after a
+    config edit (here the learning rate) the job starts over; a key that does not change results
+    (threads) keeps it."""
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    cmd = ["pretrain", *RESUME, "--out-weights", "out/w.pt", "--out-metrics", "out/m.json"]
+    state = tmp_path / "out/.w.pt.state.pt"
+    _run_killed(cmd, tmp_path, state, [tmp_path / "out/w.pt"])
+    edited = pas(*cmd, "--set", "optim.lr=0.02", cwd=tmp_path)
+    assert f"training state '{state.relative_to(tmp_path)}' was written for another configuration or input; " \
+           "starting over" in edited.stderr
+    assert "resuming" not in edited.stderr and _epochs_logged(edited.stderr, "pretrain") == [1, 2, 3, 4]
+    from pas.engine import OptimConfig
+    # the last step of epoch 1 of 4 (16 steps each) on the cosine schedule from the edited lr
+    assert load(tmp_path / "out/m.json")["history"][0]["lr"] == pytest.approx(OptimConfig(lr=0.02).lr_at(0, 15, 16, 4))
+
+    (tmp_path / "out/w.pt").unlink()
+    done = _run_killed(cmd, tmp_path, state, [tmp_path / "out/w.pt"])
+    other_threads = pas(*cmd, "--set", "threads=2", cwd=tmp_path)
+    assert f"resuming after epoch {done}/4" in other_threads.stderr
+
+
 def test_search_resumes_after_kill_to_identical_masks_and_history(chain, tmp_path):
     for run in ("killed", "straight"):
         (tmp_path / run).mkdir()
