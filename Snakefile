@@ -39,7 +39,6 @@ report: "workflow/report/workflow.rst"
 localrules:
     all,
     tracking_init,
-    full_masks,
     tables,
     plots,
     evidence,

@@ -52,7 +52,7 @@ SCHEMA: dict = {
         "min_channels": (int, 1, "channels every layer keeps at least"),
         "tolerance": (float, 0.01, "allowed relative distance of the final MACs to the target"),
         "history_every": (int, 10, "record kept widths and MACs every N steps"),
-        "method": (str, "pas", "pas | uniform | bn_gamma | l1"),
+        "method": (str, "pas", "pas | uniform | bn_gamma | l1 (pas prune: full = all-ones masks)"),
     },
     "evaluate": {
         "batch_sizes": (list, [1, 64], "batch sizes for latency"),

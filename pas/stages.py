@@ -277,16 +277,26 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     return metrics
 
 
-def prune(cfg: dict, *, weights: str, out_masks: str) -> dict:
-    """Baseline masks (uniform, bn_gamma, l1) at the configured target, from pretrained weights."""
+def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
+    """Baseline masks (uniform, bn_gamma, l1) at the configured target, from pretrained weights;
+    `full`: all-ones masks, so a reference network deploys through the same fuse + compact path
+    (no weights needed, no MLflow run: the reference's deploy and evaluate runs are its record)."""
     from pas.pruners import prune as run_prune
     from pas.search import resolve_target
+    s = cfg["search"]
+    if s["method"] != "full" and not weights:
+        raise PasError(f"search.method {s['method']!r} ranks the channels of a trained network; expected "
+                       f"--weights (the pretrained backbone)")
     _check_writable(out_masks)
     world = _setup(cfg)
     _, _, info = _data(cfg, world)
     model = _model(cfg, info, world)
+    if s["method"] == "full":
+        record = _masks_record(model.arch, [torch.ones(w, dtype=torch.bool) for w in model.arch.searchable_widths()],
+                               method="full")
+        atomic_write_json(out_masks, record)
+        return record
     _load_weights(model, weights)
-    s = cfg["search"]
     target = resolve_target(s["target"], model.arch, s["min_channels"])
     masks = run_prune(s["method"], model, target, tolerance=s["tolerance"], min_channels=s["min_channels"])
     record = _masks_record(model.arch, masks, target_macs=target, method=s["method"])
@@ -442,9 +452,9 @@ def add_subcommands(sub) -> None:
         p.add_argument(flag, required=True)
     p.set_defaults(func=_run(search, "weights", "out_weights", "out_masks", "out_history", "out_metrics"))
 
-    p = sub.add_parser("prune", help="baseline masks (search.method: uniform, bn_gamma, l1)")
+    p = sub.add_parser("prune", help="baseline masks (search.method: uniform, bn_gamma, l1; full: all ones)")
     _common(p)
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", help="the pretrained backbone (every method but full)")
     p.add_argument("--out-masks", required=True)
     p.set_defaults(func=_run(prune, "weights", "out_masks"))
 

@@ -510,9 +510,9 @@ def test_slurm_run_gives_the_local_table(local_run, slurm_run):
     assert "slurm_partition=gpu" not in slurm_run.output and "my_account" not in slurm_run.output
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", slurm_run.output)
     local = set(re.findall(r"^localrule (\w+):", slurm_run.output, re.M))  # (+ the failed job's log)
-    assert {"all", "full_masks", "plots", "tables", "evidence", "tracking_ingest"} <= local
-    # every job but all, tables, plots, evidence, tracking_ingest and 3 full_masks; and the retry
-    assert len(submitted) == 49 - 8 + 1
+    assert {"all", "plots", "tables", "evidence", "tracking_ingest"} <= local and "full_masks" not in local
+    # every job but all, tables, plots, evidence and tracking_ingest; and the retry
+    assert len(submitted) == 49 - 5 + 1
 
 
 @pytest.mark.slow
@@ -792,7 +792,7 @@ def test_free_form_config_strings_reach_commands_as_single_arguments(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     commands = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()
                 if line.startswith("Shell command: pas ")]
-    assert len(commands) == 45  # every job with a shell command: all but `all` and full_masks
+    assert len(commands) == 48  # every job but `all`
     seen = set()
     for command in commands:
         argv = shlex.split(command)

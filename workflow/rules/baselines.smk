@@ -40,12 +40,14 @@ rule full_masks:
     wildcard_constraints:
         method="full|scratch",
     params:
-        dataset=dataset_flags,
+        stage=full_masks_flags,
     threads: 1
     resources:
         **LIGHT_RESOURCES,
-    run:
-        write_full_masks(output.masks, wildcards.model, log[0])
+    conda:
+        PAS_ENV
+    shell:
+        "pas prune {params.stage} --set threads={threads} --out-masks {output.masks} > {log} 2>&1"
 
 
 rule train_scratch:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import yaml
 
-from pas.io import atomic_write_json
 
 RESULTS = "results"
 BASELINE_METHODS = ("uniform", "bn_gamma", "l1")
@@ -196,19 +195,10 @@ def evaluate_flags(wildcards):
                       "evaluate": config["evaluate"]})
 
 
-def dataset_flags(wildcards=None):
-    """The dataset slice (the masks' shape depends on it), canonical like every stage's flags."""
-    return set_flags({"dataset": config["dataset"]})
-
-
-def write_full_masks(path, backbone, log):
-    """All-ones masks: a reference network deploys through the same fuse + compact path."""
-    arch = network_arch(config, backbone)
-    widths = arch.searchable_widths()
-    atomic_write_json(path, {"family": arch.family, "widths": widths, "full_widths": widths,
-                             "full_macs": int(arch.macs()), "macs": int(arch.macs()),
-                             "masks": [[1] * w for w in widths], "method": "full"})
-    Path(log).write_text(f"{backbone}: all-ones masks, widths {widths}, {int(arch.macs())} MACs\n")
+def full_masks_flags(wildcards):
+    """A reference row's all-ones masks (`pas prune`, method full): the network and dataset only."""
+    return set_flags({**common_slice(wildcards.model, tags_for(wildcards.method, wildcards.model, wildcards.seed)),
+                      "search": {"method": "full"}})
 
 
 # -- resources ---------------------------------------------------------------------------------
