@@ -130,9 +130,10 @@ def plot_accuracy(rows: list[dict]):
                 ax.errorbar([r["macs"] / 1e6 for r in mine], [r["top1_mean"] for r in mine],
                             yerr=[r["top1_std"] or 0.0 for r in mine], marker=MARKERS[method], capsize=3,
                             color=f"C{i}", label=method, ms=9 if method == "pas" else 6)
-        for r in rows:
-            if r["method"] in ("full", "scratch") and r["backbone"] in (backbone, r["model"]) and (
-                    r["method"] == "scratch" or r["model"] == backbone):
+        family = backbone.split("_")[0]
+        for r in rows:  # the full backbone, and the members of its family trained from scratch
+            if (r["method"] == "full" and r["model"] == backbone) or (
+                    r["method"] == "scratch" and r["model"].split("_")[0] == family):
                 ax.errorbar([r["macs"] / 1e6], [r["top1_mean"]], yerr=[r["top1_std"] or 0.0],
                             marker=MARKERS[r["method"]], color="0.3", capsize=3, ls="none")
                 ax.annotate(f"{r['method']} {r['model']}", (r["macs"] / 1e6, r["top1_mean"]), fontsize=6,
