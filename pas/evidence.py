@@ -13,14 +13,13 @@ One row of input per pruned network and seed: `--run method=pas,model=PaS-A,seed
 """
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from pas.errors import PasError
-from pas.io import atomic_path, atomic_write_text
-from pas.plots import search_progress
-from pas.tables import read_table, tex_escape, to_csv
+from pas.io import atomic_write_text, read_json
+from pas.plots import save_figure, search_progress
+from pas.tables import parse_spec, read_table, tex_escape, to_csv
 
 BASELINES = ("uniform", "bn_gamma", "l1")
 METHOD_ORDER = ("pas", *BASELINES, "full", "scratch")
@@ -29,27 +28,13 @@ SETTLE_FRACTION = 0.01  # of the final kept channels: "settled" = within this L1
 
 
 def parse_run_spec(text: str) -> dict[str, str]:
-    spec = {}
-    for part in filter(None, text.split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or key not in RUN_KEYS or not value:
-            raise PasError(f"run {text!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(RUN_KEYS)}")
-        spec[key] = value
+    spec = parse_spec(text, what="run", keys=RUN_KEYS, value="VALUE")
     missing = [k for k in ("method", "model", "seed", "masks") if k not in spec]
     if missing:
         raise PasError(f"run {text!r} has no {missing[0]}=...")
     if spec["method"] == "pas" and "history" not in spec:
         raise PasError(f"run {text!r}: a pas run needs history=PATH (its search history)")
     return spec
-
-
-def _read(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PasError(f"{path!r} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise PasError(f"{path!r} is not valid JSON ({e})") from None
 
 
 def spread(values: list[float]) -> dict:
@@ -119,9 +104,9 @@ def accuracy_latex(rows: list[dict]) -> str:
 
 
 def plot_accuracy(rows: list[dict]):
-    from pas.plots import MARKERS, _grid
+    from pas.plots import MARKERS, grid
     backbones = list(dict.fromkeys(r["backbone"] for r in rows if r["method"] not in ("full", "scratch")))
-    fig, axes = _grid(max(1, len(backbones)), width=6, height=4.5)
+    fig, axes = grid(max(1, len(backbones)), width=6, height=4.5)
     for ax, backbone in zip(axes, backbones):
         for i, method in enumerate(("pas", *BASELINES)):
             mine = sorted((r for r in rows if r["backbone"] == backbone and r["method"] == method),
@@ -330,8 +315,8 @@ def make_evidence(table: str | Path, runs: list[dict], out_dir: str | Path, sear
     rows = read_table(table)
     if not rows:
         raise PasError(f"{str(table)!r} has no rows")
-    masks = {r["masks"]: _read(r["masks"]) for r in runs}
-    histories = {r["history"]: _read(r["history"]) for r in runs if "history" in r}
+    masks = {r["masks"]: read_json(r["masks"]) for r in runs}
+    histories = {r["history"]: read_json(r["history"]) for r in runs if "history" in r}
     acc = accuracy_rows(rows)
     conv = convergence_rows(runs, histories)
     backbones = {r["model"].split("@")[-1]: r["backbone"] for r in rows}
@@ -350,14 +335,7 @@ def make_evidence(table: str | Path, runs: list[dict], out_dir: str | Path, sear
     for name, text in written.items():
         atomic_write_text(out_dir / name, text)
         paths.append(out_dir / name)
-    fig = plot_accuracy(acc)
-    fig.tight_layout()
-    for fmt in ("png", "pdf"):
-        path = out_dir / f"accuracy.{fmt}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-        paths.append(path)
-    return paths
+    return paths + save_figure(plot_accuracy(acc), out_dir, "accuracy")
 
 
 def main(args) -> int:

@@ -45,3 +45,14 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     import torch
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def read_json(path: str | Path):
+    """A JSON file a stage wrote; a missing or broken one is a one-line PasError naming it."""
+    from pas.errors import PasError
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PasError(f"{str(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise PasError(f"{str(path)!r} is not valid JSON ({e})") from None

@@ -49,7 +49,8 @@ def search_progress(history: dict) -> list[float]:
     return [r["epoch"] - 1 + r["step"] / per_epoch for r in records]
 
 
-def _save(fig, out_dir: Path, name: str) -> list[Path]:
+def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
+    """out_dir/name.png and .pdf, each written atomically; the figure is closed."""
     fig.tight_layout()
     paths = []
     for fmt in FORMATS:
@@ -61,7 +62,7 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def _grid(n: int, width: float = 4.5, height: float = 3.2):
+def grid(n: int, width: float = 4.5, height: float = 3.2):
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
     fig, axes = _pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
@@ -73,7 +74,7 @@ def _grid(n: int, width: float = 4.5, height: float = 3.2):
 def plot_widths(rows: list[dict], histories: dict[str, dict]):
     pas = [r for r in rows if r["method"] == "pas" and r["model"] in histories]
     backbones = list(dict.fromkeys(r["backbone"] for r in pas))
-    fig, axes = _grid(max(1, len(backbones)), width=6)
+    fig, axes = grid(max(1, len(backbones)), width=6)
     for ax, backbone in zip(axes, backbones):
         mine = [r for r in pas if r["backbone"] == backbone]
         full = histories[mine[0]["model"]]["full_widths"]
@@ -121,7 +122,7 @@ def plot_accuracy_latency(rows: list[dict]):
         raise PasError("the table has no latency columns")
     shown = sorted({batches[0], batches[-1]})
     device = " and ".join(sorted({r["latency_device"] for r in rows}))
-    fig, axes = _grid(len(shown), width=6, height=4.5)
+    fig, axes = grid(len(shown), width=6, height=4.5)
     for ax, b in zip(axes, shown):
         _scatter(ax, rows, f"latency_ms_b{b}", f"latency (ms, batch {b}, {device})")
         ax.set_title(f"top-1 vs latency, batch {b}")
@@ -129,7 +130,7 @@ def plot_accuracy_latency(rows: list[dict]):
 
 
 def plot_accuracy_macs(rows: list[dict]):
-    fig, axes = _grid(1, width=6, height=4.5)
+    fig, axes = grid(1, width=6, height=4.5)
     _scatter(axes[0], rows, "macs", "MACs")
     axes[0].set_xscale("log")
     axes[0].set_title("top-1 vs MACs")
@@ -137,7 +138,7 @@ def plot_accuracy_macs(rows: list[dict]):
 
 
 def plot_gates(histories: dict[str, dict]):
-    fig, axes = _grid(max(1, len(histories)))
+    fig, axes = grid(max(1, len(histories)))
     for ax, (name, h) in zip(axes, histories.items()):
         x = search_progress(h)
         full = h["full_widths"]
@@ -152,7 +153,7 @@ def plot_gates(histories: dict[str, dict]):
 
 
 def plot_search_macs(histories: dict[str, dict]):
-    fig, axes = _grid(1, width=6, height=4)
+    fig, axes = grid(1, width=6, height=4)
     ax = axes[0]
     for i, (name, h) in enumerate(histories.items()):
         x = search_progress(h)
@@ -182,7 +183,7 @@ def make_plots(table: str | Path, histories: dict[str, str | Path], out_dir: str
     figures = {"widths": plot_widths(rows, loaded), "accuracy_latency": plot_accuracy_latency(rows),
                "accuracy_macs": plot_accuracy_macs(rows), "gates": plot_gates(loaded),
                "search_macs": plot_search_macs(loaded)}
-    return [p for name, fig in figures.items() for p in _save(fig, out_dir, name)]
+    return [p for name, fig in figures.items() for p in save_figure(fig, out_dir, name)]
 
 
 def main(args) -> int:

@@ -152,7 +152,8 @@ def _best_swap(arch, keep, score, counts, macs, target, tolerance, min_channels)
             m = int(arch.macs(trial))
             if not macs < m <= target:
                 continue
-            key = (target - m <= tolerance * target, sa - sb if target - m <= tolerance * target else m)
+            lands = target - m <= tolerance * target
+            key = (lands, sa - sb if lands else m)
             if best_key is None or key > best_key:
                 best, best_key = ((a, ja), (b, jb)), key
     return best

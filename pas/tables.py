@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from pathlib import Path
 
 from pas.errors import PasError
-from pas.io import atomic_write_text
+from pas.io import atomic_write_text, read_json
 
 ROW_KEYS = ("eval", "masks", "search", "finetune", "train")
 COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "macs", "macs_ptflops", "params", "top1", "top5",
@@ -29,26 +28,23 @@ DISPLAY = {"model": "model", "method": "method", "seed": "seed", "backbone": "ba
 _LATENCY = re.compile(r"latency_ms_(?P<device>[a-z]+)_b(?P<batch>\d+)$")
 
 
-def parse_row_spec(text: str) -> dict[str, str]:
-    """'eval=a.json,search=b.json' -> {'eval': 'a.json', 'search': 'b.json'}."""
+def parse_spec(text: str, *, what: str, keys: tuple[str, ...], value: str = "PATH") -> dict[str, str]:
+    """'k1=v1,k2=v2' -> {'k1': 'v1', 'k2': 'v2'}, every key one of `keys` (a `--row`, a `--run`)."""
     spec = {}
     for part in filter(None, text.split(",")):
-        key, sep, path = part.partition("=")
-        if not sep or key not in ROW_KEYS or not path:
-            raise PasError(f"row {text!r}: {part!r} is not KEY=PATH with KEY one of {', '.join(ROW_KEYS)}")
-        spec[key] = path
-    if "eval" not in spec:
-        raise PasError(f"row {text!r} has no eval=PATH")
+        key, sep, v = part.partition("=")
+        if not sep or key not in keys or not v:
+            raise PasError(f"{what} {text!r}: {part!r} is not KEY={value} with KEY one of {', '.join(keys)}")
+        spec[key] = v
     return spec
 
 
-def _read(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PasError(f"{path!r} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise PasError(f"{path!r} is not valid JSON ({e})") from None
+def parse_row_spec(text: str) -> dict[str, str]:
+    """'eval=a.json,search=b.json' -> {'eval': 'a.json', 'search': 'b.json'}."""
+    spec = parse_spec(text, what="row", keys=ROW_KEYS)
+    if "eval" not in spec:
+        raise PasError(f"row {text!r} has no eval=PATH")
+    return spec
 
 
 def latency_device(result: dict) -> str:
@@ -59,7 +55,7 @@ def latency_device(result: dict) -> str:
 
 def table_row(spec: dict[str, str]) -> dict:
     """One row from the files of one network."""
-    ev = _read(spec["eval"])
+    ev = read_json(spec["eval"])
     device = latency_device(ev)
     seed = ev.get("seed")
     row = {"model": ev.get("variant", Path(spec["eval"]).parent.name), "method": ev.get("method", ""),
@@ -73,9 +69,9 @@ def table_row(spec: dict[str, str]) -> dict:
             row[f"latency_ms_b{m['batch']}"] = value
             row[f"throughput_b{m['batch']}"] = ev.get(f"throughput_{device}_b{m['batch']}")
     if "masks" in spec and row["method"] not in ("full", "scratch"):
-        row["target_macs"] = _read(spec["masks"]).get("target_macs")
+        row["target_macs"] = read_json(spec["masks"]).get("target_macs")
     for key in ("search", "finetune", "train"):
-        row[f"{key}_s"] = _read(spec[key])["wall_seconds"] if key in spec else None
+        row[f"{key}_s"] = read_json(spec[key])["wall_seconds"] if key in spec else None
     row["widths"] = " ".join(str(w) for w in ev.get("widths", []))
     return row
 

@@ -59,6 +59,20 @@ def model_dir(method, model, seed):
     return f"{seed_dir(seed)}/models/{method}/{model}"
 
 
+def pretrain_dir(backbone, seed):
+    return f"{seed_dir(seed)}/pretrain/{backbone}"
+
+
+def masks_path(method, model, seed):
+    """PaS: the search's masks; a baseline: pas prune's; a reference row: all ones."""
+    d = model_dir(method, model, seed)
+    return f"{d}/search/masks.json" if method == "pas" else f"{d}/masks.json"
+
+
+def history_path(model, seed):
+    return f"{model_dir('pas', model, seed)}/search/history.json"
+
+
 def tracking_is_direct():
     return config["tracking"]["enabled"] and config["tracking"]["mode"] == "direct"
 
@@ -79,7 +93,7 @@ def tracking_marker(wildcards=None):
 
 
 def search_weights(wildcards):
-    return f"{seed_dir(wildcards.seed)}/pretrain/{variants()[wildcards.model]['backbone']}/weights.pt"
+    return f"{pretrain_dir(variants()[wildcards.model]['backbone'], wildcards.seed)}/weights.pt"
 
 
 def finetune_start(wildcards):
@@ -90,15 +104,13 @@ def finetune_start(wildcards):
 
 
 def model_masks(wildcards):
-    if wildcards.method == "pas":
-        return f"{model_dir('pas', wildcards.model, wildcards.seed)}/search/masks.json"
-    return f"{model_dir(wildcards.method, wildcards.model, wildcards.seed)}/masks.json"
+    return masks_path(wildcards.method, wildcards.model, wildcards.seed)
 
 
 def deploy_weights(wildcards):
     """Fine-tuned weights; the full backbone as pretrained; a scratch member as trained."""
     if wildcards.method == "full":
-        return f"{seed_dir(wildcards.seed)}/pretrain/{wildcards.model}/weights.pt"
+        return f"{pretrain_dir(wildcards.model, wildcards.seed)}/weights.pt"
     d = model_dir(wildcards.method, wildcards.model, wildcards.seed)
     return f"{d}/train/weights.pt" if wildcards.method == "scratch" else f"{d}/finetune/weights.pt"
 
@@ -243,15 +255,15 @@ def table_rows(wildcards=None):
         for method, model in models():
             d = model_dir(method, model, seed)
             files = {"eval": f"{d}/eval.json"}
-            if method == "pas":
-                files.update(masks=f"{d}/search/masks.json", search=f"{d}/search/metrics.json",
-                             finetune=f"{d}/finetune/metrics.json")
-            elif method == "full":
-                files["train"] = f"{seed_dir(seed)}/pretrain/{model}/metrics.json"
+            if method == "full":
+                files["train"] = f"{pretrain_dir(model, seed)}/metrics.json"
             elif method == "scratch":
                 files["train"] = f"{d}/train/metrics.json"
             else:
-                files.update(masks=f"{d}/masks.json", finetune=f"{d}/finetune/metrics.json")
+                files["masks"] = masks_path(method, model, seed)
+                if method == "pas":
+                    files["search"] = f"{d}/search/metrics.json"
+                files["finetune"] = f"{d}/finetune/metrics.json"
             rows.append(files)
     return rows
 
@@ -266,7 +278,7 @@ def table_flags(wildcards=None):
 
 
 def history_files(seed):
-    return [f"{model_dir('pas', name, seed)}/search/history.json" for name in variants()]
+    return [history_path(name, seed) for name in variants()]
 
 
 def plot_inputs(wildcards=None):
@@ -286,10 +298,10 @@ def evidence_runs(wildcards=None):
         for method, model in models():
             if method in ("full", "scratch"):
                 continue
-            d = model_dir(method, model, seed)
-            files = {"masks": f"{d}/search/masks.json", "history": f"{d}/search/history.json"} \
-                if method == "pas" else {"masks": f"{d}/masks.json"}
-            runs.append({"method": method, "model": model, "seed": str(seed), **files})
+            run = {"method": method, "model": model, "seed": str(seed), "masks": masks_path(method, model, seed)}
+            if method == "pas":
+                run["history"] = history_path(model, seed)
+            runs.append(run)
     return runs
 
 
