@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import interleaved, verdict
-from pas.arch import load_arch
-from pas.models import arch_for, build_model
+from pas.deploy import load_network
+from pas.models import build_deployed
 
 
 def main(argv=None) -> list[dict]:
@@ -33,10 +33,9 @@ def main(argv=None) -> list[dict]:
     for path in archs:
         variant = path.parent.parent.name
         backbone = json.loads((path.parent.parent / "eval.json").read_text())["backbone"]
-        pruned_arch = load_arch(path)
-        full_arch = arch_for(backbone, num_classes=pruned_arch.num_classes, in_channels=pruned_arch.in_channels,
-                             resolution=pruned_arch.resolution)
-        full, pruned = build_model(full_arch, deploy=True).eval(), build_model(pruned_arch, deploy=True).eval()
+        pruned_arch = load_network(path)
+        full_arch = pruned_arch.with_widths(pruned_arch.full_widths())
+        full, pruned = build_deployed(full_arch).eval(), build_deployed(pruned_arch).eval()
         macs_ratio = full_arch.macs() / pruned_arch.macs()
         for b in a.batches:
             x = torch.randn(b, full_arch.in_channels, full_arch.resolution, full_arch.resolution)

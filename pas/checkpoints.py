@@ -161,9 +161,21 @@ def to_pas_state_dict(state_dict: Mapping, model: nn.Module, *, source: str = "c
     return _to_pas(state_dict, model, source)[0]
 
 
+def format_of(state_dict: Mapping, model: nn.Module) -> str:
+    """'pas' when a network other than RepVGG gets its own key names (ours; torchvision's for the
+    torchvision-layout ResNets and torchvision: models), else detect_format's answer."""
+    state_dict = _strip_module_prefix(state_dict)
+    keys = {k for k in state_dict if isinstance(k, str)}
+    ours = {k for k in model.state_dict() if not k.startswith("pas_gates.")}
+    if _model_form(model) is None and keys & ours and all(k in ours or k.endswith("num_batches_tracked")
+                                                        for k in keys):
+        return "pas"
+    return detect_format(state_dict)
+
+
 def _to_pas(state_dict: Mapping, model: nn.Module, source: str) -> tuple[dict, dict]:
     state_dict = _strip_module_prefix(state_dict)
-    fmt = detect_format(state_dict)
+    fmt = format_of(state_dict, model)
     form, model_form = _checkpoint_form(state_dict, fmt), _model_form(model)
     if fmt != "pas" and model_form is None:
         raise PasError(f"{source} holds {fmt} RepVGG weights but the model is a {type(model).__name__}; "
@@ -247,7 +259,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, *, strict: bool = True) 
     """Load weights from `path` into `model` in place; return the naming scheme that was found."""
     path = Path(path)
     state_dict = _state_dict_of(_read(path), path)
-    fmt = detect_format(state_dict)
+    fmt = format_of(state_dict, model)
     converted, origin = _to_pas(state_dict, model, f"checkpoint {path}")
     expected = model.state_dict()
     if strict:

@@ -1,75 +1,156 @@
-"""From a masked multi-branch network to a compact plain one: fuse, then cut masked channels out.
+"""From a masked network to a compact one: fuse, then cut the masked channels of every group out.
 
-Removing output rows of layer l and the matching input columns of layer l+1 is exact because a
-masked channel is zero everywhere after the gate. MobileNetV2 has one subtlety: a masked hidden
-channel enters the depth-wise conv as zeros and leaves it as the constant ReLU6(bias); that
-constant reaches the projection, so it is folded into the projection's bias instead of being lost.
+One routine for every network. The fused network is traced again (`pas.graph.channels`); its
+prunable groups correspond one to one, in graph order, to those of the training form. Every conv,
+linear and norm layer then keeps the rows of its kept output channels and the columns of its kept
+input channels. This is exact because a gate zeroes a masked channel wherever it is produced (after
+the BN that follows a conv, after a fused block): what a masked channel contributes downstream is 0.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 
-from pas.arch import MobileNetV2Arch, RepVGGArch
-from pas.gates import masks
-from pas.models import build_model
-from pas.reparam import reparameterize
+from pas.errors import PasError
+from pas.gates import detach_gates, has_gates, masks, network_of
+from pas.graph.channels import ChannelGraph, Layer, channel_graph
+from pas.graph.network import Network
+from pas.reparam import fold_bn, fused_conv, reparameterize
 
 
 def compact(model: nn.Module, mask_list: list[torch.Tensor] | None = None) -> nn.Module:
     """The compact deploy network equal (in eval mode) to the masked `model`.
 
-    `mask_list` defaults to the masks of the gates attached to `model`.
+    `mask_list` (one bool mask per searched group) defaults to the masks of the attached gates.
+    The result carries `.arch`: the same network description with the kept widths.
     """
+    net = network_of(model)
     keep = [m.bool().cpu() for m in (masks(model) if mask_list is None else mask_list)]
-    arch = model.arch.with_widths([int(m.sum()) for m in keep])
+    widths = [int(m.sum()) for m in keep]
     fused = reparameterize(model).eval()
-    out = build_model(arch, deploy=True).eval()
+    if has_gates(fused):
+        detach_gates(fused)
+    fused = fused.cpu()
+    graph = channel_graph(fused, net.graph.input_shape)
+    group_keep = _keep_per_group(net, graph, keep)
     with torch.no_grad():
-        if isinstance(arch, RepVGGArch):
-            _compact_repvgg(fused, out, keep)
-        elif isinstance(arch, MobileNetV2Arch):
-            _compact_mobilenetv2(fused, out, keep)
-        else:
-            raise TypeError(f"cannot compact {type(arch).__name__}")
-    return out.to(next(model.parameters()).device)
+        fold_batchnorms(fused, graph)
+        shrink(fused, graph, group_keep)
+    fused.arch = net.with_widths(widths)
+    return fused.to(_device_of(model))
 
 
-def _copy_conv(dst: nn.Conv2d, src: nn.Conv2d, rows=None, cols=None, bias_extra=None) -> None:
-    w, b = src.weight, src.bias
-    if rows is not None:
-        w, b = w[rows], b[rows]
-    if cols is not None:
-        w = w[:, cols]
-    dst.weight.copy_(w)
-    dst.bias.copy_(b if bias_extra is None else b + bias_extra)
+def shrink(model: nn.Module, graph: ChannelGraph, group_keep: dict[int, torch.Tensor]) -> None:
+    """Replace every conv, linear and norm layer of `model` by one holding only the kept channels.
+
+    `group_keep` maps a prunable group's index in `graph` to its bool mask; other groups stay whole.
+    """
+    def keep_of(layout) -> torch.Tensor:
+        parts = [group_keep.get(graph.space_group[s], torch.ones(graph.space_size[s], dtype=torch.bool))
+                 for s in layout]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    for layer in graph.layers:
+        old = model.get_submodule(layer.module)
+        if layer.kind == "norm" and not isinstance(old, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                                                          nn.InstanceNorm2d)):
+            continue  # folded into its conv
+        new = _shrunk(old, layer, keep_of(layer.in_layout), keep_of(layer.out_layout))
+        if new is not old:
+            _replace(model, layer.module, new)
 
 
-def _compact_repvgg(fused: nn.Module, out: nn.Module, keep: list[torch.Tensor]) -> None:
-    prev = None
-    for src, dst, k in zip(fused.blocks, out.blocks, keep, strict=True):
-        _copy_conv(dst.conv, src.conv, rows=k, cols=prev)
-        prev = k
-    out.fc.weight.copy_(fused.fc.weight[:, prev])
-    out.fc.bias.copy_(fused.fc.bias)
-
-
-def _compact_mobilenetv2(fused: nn.Module, out: nn.Module, keep: list[torch.Tensor]) -> None:
-    for name in ("stem", "head"):
-        _copy_conv(getattr(out, name).conv, getattr(fused, name).conv)
-    out.fc.load_state_dict(fused.fc.state_dict())
-    masks_iter = iter(keep)
-    for src, dst in zip(fused.blocks, out.blocks, strict=True):
-        if src.expand is None:
-            for name in ("depthwise", "project"):
-                _copy_conv(getattr(dst, name).conv, getattr(src, name).conv)
+def fold_batchnorms(model: nn.Module, graph: ChannelGraph) -> None:
+    """Fold every BN that directly follows a conv into that conv (eval statistics); the BN becomes
+    an identity. The one BN fold of `pas.reparam`, applied to any traced network."""
+    for layer in graph.layers:
+        if layer.bn is None:
             continue
-        k = next(masks_iter)
-        _copy_conv(dst.expand.conv, src.expand.conv, rows=k)
-        _copy_conv(dst.depthwise.conv, src.depthwise.conv, rows=k)
-        # Masked hidden channels leave the depth-wise conv as the constant ReLU6(bias).
-        dead = ~k
-        constant = src.depthwise.act(src.depthwise.conv.bias[dead].clone())
-        extra = src.project.conv.weight[:, dead, 0, 0] @ constant
-        _copy_conv(dst.project.conv, src.project.conv, cols=k, bias_extra=extra)
+        conv, bn = model.get_submodule(layer.module), model.get_submodule(layer.bn)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            continue
+        weight, bias = fold_bn(conv.weight, conv.bias, bn)
+        _replace(model, layer.module, fused_conv(conv, weight, bias))
+        _replace(model, layer.bn, nn.Identity())
 
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def structure_for(net: Network, widths) -> dict[int, torch.Tensor]:
+    """Masks that keep the first `widths[i]` channels of every searched group (a deployed network's
+    shape, before its weights are loaded)."""
+    out = {}
+    for gi, w in zip(net.searched, widths):
+        m = torch.zeros(net.graph.groups[gi].size, dtype=torch.bool)
+        m[:w] = True
+        out[gi] = m
+    return out
+
+
+def _keep_per_group(net: Network, fused: ChannelGraph, keep: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Masks per group of the fused graph: prunable groups of both forms match in order and size."""
+    trained, deployed = net.graph.prunable(), fused.prunable()
+    if [g.size for g in trained] != [g.size for g in deployed]:
+        raise PasError(f"the fused {net.backbone} has prunable groups of widths {[g.size for g in deployed]}, "
+                       f"the training form {[g.size for g in trained]}; expected fusion to keep every group")
+    if len(keep) != len(net.searched):
+        raise PasError(f"{len(keep)} masks given for {len(net.searched)} searched groups of {net.backbone}")
+    position = {g.index: i for i, g in enumerate(trained)}
+    out = {}
+    for gi, m in zip(net.searched, keep):
+        if m.numel() != net.graph.groups[gi].size:
+            raise PasError(f"a mask of {m.numel()} channels for a group of {net.graph.groups[gi].size}")
+        out[deployed[position[gi]].index] = m
+    return out
+
+
+def _shrunk(old: nn.Module, layer: Layer, keep_in: torch.Tensor, keep_out: torch.Tensor) -> nn.Module:
+    if bool(keep_in.all()) and bool(keep_out.all()):
+        return old
+    if layer.kind == "norm":
+        return _shrunk_norm(old, keep_out)
+    if layer.kind == "linear":
+        cols = keep_in.repeat_interleave(layer.factor)
+        new = nn.Linear(int(cols.sum()), int(keep_out.sum()), bias=old.bias is not None)
+        new.weight.copy_(old.weight[keep_out][:, cols])
+        if old.bias is not None:
+            new.bias.copy_(old.bias[keep_out])
+        return new
+    if layer.kind == "grouped":
+        raise PasError(f"grouped conv {layer.module} cannot lose channels")
+    depthwise = layer.kind == "depthwise"
+    c_in, c_out = int(keep_in.sum()), int(keep_out.sum())
+    new = nn.Conv2d(c_in, c_out, old.kernel_size, old.stride, old.padding, old.dilation,
+                    groups=c_out if depthwise else 1, bias=old.bias is not None, padding_mode=old.padding_mode)
+    weight = old.weight[keep_out]
+    new.weight.copy_(weight if depthwise else weight[:, keep_in])
+    if old.bias is not None:
+        new.bias.copy_(old.bias[keep_out])
+    return new
+
+
+def _shrunk_norm(old: nn.Module, keep: torch.Tensor) -> nn.Module:
+    new = copy.deepcopy(old)
+    n = int(keep.sum())
+    for name in ("weight", "bias"):
+        p = getattr(old, name, None)
+        if p is not None:
+            setattr(new, name, nn.Parameter(p.detach()[keep].clone(), requires_grad=p.requires_grad))
+    for name in ("running_mean", "running_var"):
+        b = getattr(old, name, None)
+        if b is not None:
+            setattr(new, name, b[keep].clone())
+    for attr in ("num_features", "num_channels"):
+        if hasattr(new, attr):
+            setattr(new, attr, n)
+    return new
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

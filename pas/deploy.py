@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pas.arch import load_arch, save_arch
 from pas.errors import PasError
 from pas.io import atomic_write_json, chmod_default
 
@@ -46,7 +45,7 @@ def save_deployed(model: nn.Module, out_dir: str | Path, **extra) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     chmod_default(tmp, directory=True)
     try:
-        save_arch(model.arch, tmp / "arch.json")
+        atomic_write_json(tmp / "arch.json", model.arch.to_dict())
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         chmod_default(tmp / "model.safetensors")
         export_onnx(model, tmp / "model.onnx")
@@ -63,11 +62,26 @@ def save_deployed(model: nn.Module, out_dir: str | Path, **extra) -> dict:
     return record
 
 
+def load_network(path: str | Path):
+    """The Network an arch.json describes (backbone, input, widths of every searched group)."""
+    import json
+
+    from pas.models import network_from_dict
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PasError(f"architecture file {str(path)!r} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PasError(f"architecture file {str(path)!r} is not valid JSON: {e}") from None
+    return network_from_dict(d)
+
+
 def load_deployed(arch_path: str | Path, weights_path: str | Path) -> nn.Module:
     """Build the plain network from its architecture JSON and load its weights (no pickle)."""
     from pas.checkpoints import load_checkpoint
-    from pas.models import build_model
-    model = build_model(load_arch(arch_path), deploy=True)
+    from pas.models import build_deployed
+    model = build_deployed(load_network(arch_path))
     if not Path(weights_path).exists():
         raise PasError(f"weights file {str(weights_path)!r} does not exist")
     load_checkpoint(str(weights_path), model)

@@ -114,8 +114,10 @@ class Trainer:
         # left by a killed run of another config is not resumed
         self.fingerprint = fingerprint
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in named if ".gate." not in n], "lr_scale": 1.0},
-                  {"params": [p for n, p in named if ".gate." in n], "lr_scale": optim.gate_lr_scale}]
+        # DBC gates live under `pas_gates` (pas.gates.GATES_ATTR)
+        is_gate = [n.split(".")[0] == "pas_gates" for n, _ in named]
+        groups = [{"params": [p for (n, p), g in zip(named, is_gate) if not g], "lr_scale": 1.0},
+                  {"params": [p for (n, p), g in zip(named, is_gate) if g], "lr_scale": optim.gate_lr_scale}]
         self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=optim.lr,
                                          momentum=optim.momentum, weight_decay=optim.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pas.arch import Architecture
+from pas.errors import PasError
+from pas.graph.network import Network
 
 THRESHOLD = 0.5
 
@@ -48,32 +49,71 @@ class DBCGate(nn.Module):
         return f"channels={self.weight.numel()}, min_channels={self.min_channels}"
 
 
-def gate_sites(model: nn.Module) -> list[nn.Module]:
-    """The modules whose outputs are searchable, in the order of the architecture's widths."""
-    if not hasattr(model, "gate_sites"):
-        raise TypeError(f"{type(model).__name__} has no searchable layers (no gate_sites())")
-    return model.gate_sites()
+GATES_ATTR = "pas_gates"  # the model attribute holding the gates: their names start with it
+
+
+def network_of(model: nn.Module) -> Network:
+    """The searchable view of `model` (set by `pas.models.build` or `pas.api.prepare`)."""
+    net = getattr(model, "arch", None)
+    if not isinstance(net, Network):
+        raise PasError(f"{type(model).__name__} has no channel graph; build it with pas.models.build or pass "
+                       f"it through pas.api.prepare(model, example_input)")
+    return net
+
+
+class _MaskSpec:
+    """The mask of one gated module's output: the gates of its channel segments (None: kept)."""
+
+    def __init__(self, parts):
+        self.parts = parts  # [(DBCGate | None, channels)]
+
+    def mask(self, like: torch.Tensor) -> torch.Tensor:
+        pieces = [g.mask() if g is not None else torch.ones(n, device=like.device) for g, n in self.parts]
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(like.dtype)
+
+
+def _apply_mask(module, args, output):
+    m = module._pas_mask.mask(output)
+    return output * m.view(1, -1, *([1] * (output.dim() - 2)))
 
 
 def attach_gates(model: nn.Module, *, min_channels: int = 1) -> list[DBCGate]:
-    """Put a fresh DBC gate (all channels on) on every searchable layer; return them in order."""
-    gates = []
-    for site in gate_sites(model):
-        site.gate = DBCGate(site.gate_channels, min_channels=min_channels).to(_device_of(site))
-        gates.append(site.gate)
-    return gates
+    """One fresh DBC gate (all channels on) per searched channel group, applied by a forward hook at
+    every module whose output carries the group's channels (a conv's BN, a fused block, ...)."""
+    net = network_of(model)
+    detach_gates(model)
+    device = _device_of(model)
+    gates = nn.ModuleList(DBCGate(g.size, min_channels=min_channels) for g in net.groups()).to(device)
+    setattr(model, GATES_ATTR, gates)
+    by_group = dict(zip(net.searched, gates))
+    for point in net.graph.mask_points:
+        parts = [(by_group.get(gi), n) for gi, n in net.graph.layout_groups(point.layout)]
+        if all(g is None for g, _ in parts):
+            continue
+        site = model.get_submodule(point.module)
+        site._pas_mask = _MaskSpec(parts)
+        site._pas_hook = site.register_forward_hook(_apply_mask)
+    return list(gates)
 
 
 def gates_of(model: nn.Module) -> list[DBCGate]:
-    gates = [site.gate for site in gate_sites(model)]
-    if any(g is None for g in gates):
+    gates = getattr(model, GATES_ATTR, None)
+    if gates is None:
         raise ValueError("this model has no gates attached (call attach_gates first)")
-    return gates
+    return list(gates)
+
+
+def has_gates(model: nn.Module) -> bool:
+    return getattr(model, GATES_ATTR, None) is not None
 
 
 def detach_gates(model: nn.Module) -> None:
-    for site in gate_sites(model):
-        site.gate = None
+    for m in model.modules():
+        if "_pas_hook" in m.__dict__:
+            m._pas_hook.remove()
+            del m.__dict__["_pas_hook"], m.__dict__["_pas_mask"]
+    if GATES_ATTR in model._modules:
+        del model._modules[GATES_ATTR]
 
 
 def freeze_gates(model: nn.Module) -> None:
@@ -83,7 +123,7 @@ def freeze_gates(model: nn.Module) -> None:
 
 
 def masks(model: nn.Module) -> list[torch.Tensor]:
-    """Current binary masks (bool), one per searchable layer."""
+    """Current binary masks (bool), one per searched group."""
     return [g.mask().detach() > 0.5 for g in gates_of(model)]
 
 
@@ -100,11 +140,10 @@ def kept_widths(model: nn.Module) -> list[int]:
     return [int(g.kept().detach()) for g in gates_of(model)]
 
 
-def gated_macs(model: nn.Module, arch: Architecture | None = None) -> torch.Tensor:
+def gated_macs(model: nn.Module, net: Network | None = None) -> torch.Tensor:
     """MACs of the sub-network the gates select, through the one shared formula (differentiable)."""
-    arch = arch or model.arch
-    # float64: float32 is not exact above 2^24 MACs, and ImageNet networks have ~10^10.
-    return arch.macs([g.kept().double() for g in gates_of(model)])
+    net = net or network_of(model)
+    return net.gated_macs([g.kept() for g in gates_of(model)])
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -14,18 +14,23 @@ def conv_out_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-def conv_macs(c_in, c_out, kernel: int, h_out: int, w_out: int, groups: int = 1):
+def _taps(kernel) -> int:
+    """k*k for a square kernel size k, kh*kw for a (kh, kw) pair."""
+    return kernel * kernel if isinstance(kernel, int) else kernel[0] * kernel[1]
+
+
+def conv_macs(c_in, c_out, kernel, h_out: int, w_out: int, groups: int = 1):
     """Dense or grouped convolution: C_in * C_out * k^2 * H_out * W_out / groups."""
-    macs = c_in * c_out * (kernel * kernel * h_out * w_out)
+    macs = c_in * c_out * (_taps(kernel) * h_out * w_out)
     if groups == 1:
         return macs
     # Integer widths give an exact integer (C_in and C_out are multiples of groups).
     return macs // groups if isinstance(macs, int) else macs / groups
 
 
-def depthwise_macs(channels, kernel: int, h_out: int, w_out: int):
+def depthwise_macs(channels, kernel, h_out: int, w_out: int):
     """Depth-wise convolution (groups == channels): C * k^2 * H_out * W_out."""
-    return channels * (kernel * kernel * h_out * w_out)
+    return channels * (_taps(kernel) * h_out * w_out)
 
 
 def fc_macs(in_features, out_features):

@@ -10,32 +10,51 @@ import torch
 from torch import nn
 
 from pas.errors import PasError
-from pas.gates import gate_sites
-from pas.models.layers import ConvBNAct
-from pas.models.repvgg import RepVGGBlock
+from pas.gates import network_of
+from pas.reparam import fold_bn
 from pas.search import DEFAULT_TOLERANCE, adjust_masks
 
 
+def _producers(model: nn.Module):
+    """Per searched group, [(producer module, the module after which it is masked)]."""
+    net = network_of(model)
+    return [[(model.get_submodule(p), model.get_submodule(s)) for p, s in zip(g.producers, g.sites)]
+            for g in net.groups()]
+
+
 def bn_gamma_scores(model: nn.Module) -> list[torch.Tensor]:
-    """|gamma| of the 3x3 BN + |gamma| of the 1x1 BN per channel (RepVGG); |gamma| of the BN
-    after the expansion conv (MobileNetV2)."""
+    """Per channel of every searched group: the sum of |gamma| of the BN that scales each of its
+    producers' outputs (a RepVGG block: its 3x3 and 1x1 branch BNs; a conv: the BN after it)."""
     scores = []
-    for site in gate_sites(model):
-        if isinstance(site, RepVGGBlock):
-            scores.append(site.rbr_dense[1].weight.abs() + site.rbr_1x1[1].weight.abs())
-        elif isinstance(site, ConvBNAct):
-            scores.append(site.bn.weight.abs())
-        else:
-            raise PasError(f"BN-gamma scores need the training form, got {type(site).__name__}")
-    return [s.detach().cpu() for s in scores]
+    for producers in _producers(model):
+        total = 0
+        for producer, site in producers:
+            bns = producer.output_bns() if callable(getattr(producer, "output_bns", None)) else \
+                [site] if isinstance(site, nn.modules.batchnorm._BatchNorm) else []
+            if not bns:
+                raise PasError(f"BN-gamma scores need a BN after every conv; {type(producer).__name__} has none "
+                               f"(use the training form, or the l1 or uniform baseline)")
+            for bn in bns:
+                total = total + bn.weight.detach().abs()
+        scores.append(total.cpu())
+    return scores
 
 
 def l1_scores(model: nn.Module) -> list[torch.Tensor]:
-    """L1 norm of each output channel's fused kernel (BN and branches folded in)."""
+    """Per channel of every searched group: the L1 norm of the output channel's fused kernel (BN
+    and branches folded in), summed over the group's producers."""
     scores = []
-    for site in gate_sites(model):
-        fused = site.fuse() if hasattr(site, "fuse") else site
-        scores.append(fused.conv.weight.detach().abs().flatten(1).sum(1).cpu())
+    for producers in _producers(model):
+        total = 0
+        for producer, site in producers:
+            if callable(getattr(producer, "fuse", None)):
+                weight = producer.fuse().conv.weight  # BN folded with running statistics, any mode
+            elif isinstance(site, nn.modules.batchnorm._BatchNorm) and site is not producer:
+                weight = fold_bn(producer.weight, None, site)[0]
+            else:
+                weight = producer.weight
+            total = total + weight.detach().abs().flatten(1).sum(1)
+        scores.append(total.cpu())
     return scores
 
 
@@ -43,7 +62,8 @@ def uniform_masks(model: nn.Module, target: int, *, tolerance: float = DEFAULT_T
                   min_channels: int = 1) -> list[torch.Tensor]:
     """One width factor for every layer (found by bisection); within a layer the channels with the
     largest fused-kernel L1 norm are kept; single channels are then flipped to meet the target."""
-    arch, full = model.arch, model.arch.searchable_widths()
+    arch = network_of(model)
+    full = arch.full_widths()
     scores = l1_scores(model)
 
     def widths(f):
@@ -65,7 +85,8 @@ def magnitude_masks(model: nn.Module, target: int, scores: list[torch.Tensor], *
                     tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1) -> list[torch.Tensor]:
     """Global ranking: drop the smallest-scored channels of the whole network until the target."""
     everything = [torch.ones(s.numel(), dtype=torch.bool) for s in scores]
-    return adjust_masks(model.arch, everything, scores, target, tolerance=tolerance, min_channels=min_channels)
+    return adjust_masks(network_of(model), everything, scores, target, tolerance=tolerance,
+                        min_channels=min_channels)
 
 
 PRUNERS = {

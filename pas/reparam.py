@@ -35,9 +35,12 @@ def identity_kernel(channels: int, groups: int, size: int, like: torch.Tensor) -
 
 
 def fused_conv(source: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    """A conv with `source`'s geometry (stride, padding, groups) and the given fused weight and bias."""
-    conv = nn.Conv2d(source.in_channels, source.out_channels, weight.shape[-1], source.stride,
-                     weight.shape[-1] // 2, groups=source.groups, bias=True)
+    """A conv with `source`'s geometry (stride, padding, dilation, groups) and the given fused weight
+    and bias; a kernel larger than the source's (1x1 -> 3x3) is centred with 'same' padding."""
+    kernel = tuple(weight.shape[-2:])
+    padding = source.padding if kernel == tuple(source.kernel_size) else (kernel[0] // 2, kernel[1] // 2)
+    conv = nn.Conv2d(source.in_channels, source.out_channels, kernel, source.stride, padding,
+                     dilation=source.dilation, groups=source.groups, bias=True, padding_mode=source.padding_mode)
     conv = conv.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(weight)

@@ -21,22 +21,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pas.arch import Architecture
 from pas.errors import PasError
 from pas.engine import OptimConfig, Trainer
-from pas.gates import attach_gates, gate_sites, gated_macs, gates_of, kept_widths, set_masks
+from pas.gates import attach_gates, gated_macs, gates_of, has_gates, kept_widths, network_of, set_masks
+from pas.graph.network import Network
 
 DEFAULT_ALPHA = 14.0
 DEFAULT_TOLERANCE = 0.01
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
 
-def minimum_macs(arch: Architecture, min_channels: int = 1) -> int:
+def minimum_macs(arch: Network, min_channels: int = 1) -> int:
     widths = [min(min_channels, w) for w in arch.searchable_widths()]
     return int(arch.macs(widths))
 
 
-def resolve_target(target, arch: Architecture, min_channels: int = 1) -> int:
+def resolve_target(target, arch: Network, min_channels: int = 1) -> int:
     """Absolute target MACs from '1.36G', '2.5M', 1360000000 (absolute) or '40%', 0.4 (fraction).
 
     A number in (0, 1] or a percentage is a fraction of the full network's MACs; a number above 1
@@ -69,7 +69,7 @@ def resolve_target(target, arch: Architecture, min_channels: int = 1) -> int:
 class MacsPenalty(nn.Module):
     """alpha * ((MACs(b) - target) / MACs_full)^2, two-sided, differentiable through the gates."""
 
-    def __init__(self, arch: Architecture, target_macs: int, alpha: float = DEFAULT_ALPHA):
+    def __init__(self, arch: Network, target_macs: int, alpha: float = DEFAULT_ALPHA):
         super().__init__()
         self.arch, self.target, self.alpha = arch, int(target_macs), float(alpha)
         self.full = int(arch.macs())
@@ -79,7 +79,7 @@ class MacsPenalty(nn.Module):
         return self.alpha * ((macs - self.target) / self.full) ** 2, macs
 
 
-def adjust_masks(arch: Architecture, masks: list[torch.Tensor], scores: list[torch.Tensor], target: int, *,
+def adjust_masks(arch: Network, masks: list[torch.Tensor], scores: list[torch.Tensor], target: int, *,
                  tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1,
                  max_swaps: int = 64) -> list[torch.Tensor]:
     """Fewest channel flips, lowest/highest scores first, so that target*(1-tol) <= MACs <= target.
@@ -169,18 +169,28 @@ class SearchResult:
     metrics: list[dict]
 
 
-def search(model: nn.Module, train_loader, *, target, epochs: int = 10, optim=None,
+def search(model: nn.Module, train_loader, *, target, example_input: torch.Tensor | None = None,
+           epochs: int = 10, optim=None,
            alpha: float = DEFAULT_ALPHA, min_channels: int = 1, tolerance: float = DEFAULT_TOLERANCE,
            history_every: int = 10, val_loader=None, seed: int = 0, state_path=None, fingerprint=None, on_epoch=None,
            world=None, progress: bool = False) -> SearchResult:
     """Train weights and DBC gates jointly on CE + MACs penalty, then land on the target.
 
-    `train_loader(epoch)` returns the batches of one epoch. Gates are attached if the model has
-    none. On return the gates realise the final masks (also in `SearchResult.masks`).
+    Works on any traceable CNN: a model built by `pas.models.build` carries its channel graph; any
+    other module is traced on `example_input` (one batch, or one image's shape) first.
+    `train_loader` is an iterable of (x, y) batches, or `train_loader(epoch)` returns one epoch's.
+    Gates are attached if the model has none. On return the gates realise the final masks (also in
+    `SearchResult.masks`); `pas.compact.compact(model)` then gives the compact network.
     """
-    arch = model.arch
+    if example_input is not None and not isinstance(getattr(model, "arch", None), Network):
+        from pas.graph.network import describe
+        describe(model, example_input)
+    arch = network_of(model)
     target_macs = resolve_target(target, arch, min_channels)
-    if any(site.gate is None for site in gate_sites(model)):
+    if not callable(train_loader):
+        batches = train_loader
+        train_loader = lambda epoch: batches  # noqa: E731
+    if not has_gates(model):
         attach_gates(model, min_channels=min_channels)
     penalty = MacsPenalty(arch, target_macs, alpha)
     trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=epochs,

@@ -69,7 +69,8 @@ def _model(cfg: dict, info, world):
 
 def _weights_only(model) -> dict:
     """Training-form weights without gates: masks travel in masks.json."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if ".gate." not in k}
+    from pas.gates import GATES_ATTR
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k.split(".")[0] != GATES_ATTR}
 
 
 def _load_weights(model, path: str) -> None:
@@ -100,7 +101,8 @@ def _tracker(cfg, stage: str, world, primary_output: str):
 
 
 def _masks_record(arch, masks, **extra) -> dict:
-    return {"family": arch.family, "widths": [int(m.sum()) for m in masks],
+    return {"family": arch.family, "backbone": arch.backbone, "groups": arch.group_names(),
+            "widths": [int(m.sum()) for m in masks],
             "full_widths": arch.searchable_widths(), "layer_sizes": arch.searchable_sizes(),
             "full_macs": int(arch.macs()),
             "macs": int(arch.macs([int(m.sum()) for m in masks])),
@@ -349,7 +351,11 @@ def deploy(cfg: dict, *, weights: str, masks: str, out_dir: str) -> dict:
     plain = compact(model).eval()
     x = torch.randn(2, info.in_channels, info.resolution, info.resolution)
     with torch.no_grad():
-        err = float((model(x) - plain(x)).abs().max() / model(x).abs().max())
+        reference = model(x)
+        err = float((reference - plain(x)).abs().max() / reference.abs().max().clamp_min(1e-12))
+    if not err <= 1e-3:  # a layer whose masked channels do not map to zero (e.g. a sigmoid after a gate)
+        raise PasError(f"the compact {cfg['backbone']} differs from the masked one by {err:.2e} (relative); "
+                       f"expected <= 1e-3: this network cannot lose its masked channels exactly")
     tracker = _tracker(cfg, "deploy", world, out_dir)  # a store that fails, fails before any output
     record = save_deployed(plain, out_dir, compact_rel_err=err)
     for name in ("arch.json", "deploy.json", "model.onnx"):

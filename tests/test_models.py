@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pas.models as M
-from pas.arch import RepVGGArch, arch_from_dict
+from pas.compact import compact
 from pas.errors import PasError
 from pas.flops import ptflops_macs
 from pas.reparam import reparameterize
@@ -39,8 +39,8 @@ def test_b1_is_11_81_g_conv_macs_and_a0_layout():
     assert (arch.macs() - 2048 * 1000) / 1e9 == pytest.approx(11.813, abs=0.0005)
     a0 = M.arch_for("repvgg_a0")
     assert a0.widths == (48,) + (48,) * 2 + (96,) * 4 + (192,) * 14 + (1280,)
-    g4 = M.arch_for("repvgg_b1g4")
-    assert [i for i, g in enumerate(g4.groups) if g == 4] == list(range(2, 27, 2))
+    g4 = M.build("repvgg_b1g4")
+    assert [i for i, b in enumerate(g4.blocks) if b.rbr_dense[0].groups == 4] == list(range(2, 27, 2))
 
 
 def test_mobilenetv2_matches_torchvision_layout():
@@ -56,8 +56,9 @@ def test_mobilenetv2_matches_torchvision_layout():
 
 def test_params_formula_equals_deploy_model():
     for name in M.names():
-        model = M.build(name, deploy=True, **small_kwargs(name))
-        assert sum(p.numel() for p in model.parameters()) == model.arch.params(), name
+        model = M.build(name, **small_kwargs(name)).eval()
+        deployed = compact(model, [torch.ones(w, dtype=torch.bool) for w in model.arch.full_widths()])
+        assert sum(p.numel() for p in deployed.parameters()) == model.arch.params(), name
 
 
 @pytest.mark.parametrize("name", M.names())
@@ -65,7 +66,8 @@ def test_fusion_is_exact_and_ptflops_agrees(name):
     kw = small_kwargs(name)
     model = randomize_bn(M.build(name, **kw)).eval()
     x = torch.randn(2, kw["in_channels"], kw["resolution"], kw["resolution"])
-    fused = reparameterize(model).eval()
+    fused = reparameterize(model).eval() if not name.startswith("resnet") else \
+        compact(model, [torch.ones(w, dtype=torch.bool) for w in model.arch.full_widths()])  # BN folded
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     with torch.no_grad():
         assert rel_err(model(x), fused(x)) <= 1e-4
@@ -73,15 +75,16 @@ def test_fusion_is_exact_and_ptflops_agrees(name):
 
 
 def test_widths_builder_roundtrips_through_json():
-    arch = RepVGGArch(in_channels=1, num_classes=10, resolution=28, widths=(3, 4, 7, 5),
-                      strides=(2, 1, 2, 2), groups=(1, 1, 1, 1))
-    back = arch_from_dict(json.loads(json.dumps(arch.to_dict())))
-    assert back == arch
-    model = M.build_model(back, deploy=True)
-    assert [b.conv.out_channels for b in model.blocks] == [3, 4, 7, 5]
+    arch = M.arch_for("repvgg_a0_mini", **SMALL).with_widths([3, 4, 7, 5, 6, 9, 2, 5])
+    back = M.network_from_dict(json.loads(json.dumps(arch.to_dict())))
+    assert back.widths == arch.widths and back.macs() == arch.macs() and back.backbone == "repvgg_a0_mini"
+    model = M.build_deployed(back)
+    assert [b.conv.out_channels for b in model.blocks] == [3, 4, 7, 5, 6, 9, 2, 5]
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     mb = M.arch_for("mobilenetv2_mini", **SMALL)
-    assert arch_from_dict(json.loads(json.dumps(mb.to_dict()))) == mb
+    assert M.network_from_dict(json.loads(json.dumps(mb.to_dict()))).widths == mb.widths
+    with pytest.raises(PasError, match=r"widths \[3, 4\] do not fit repvgg_a0_mini: expected 8 widths"):
+        arch.with_widths([3, 4])
 
 
 def test_unknown_name_lists_known_models():

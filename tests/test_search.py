@@ -61,8 +61,11 @@ def test_gates_on_every_block_and_every_expansion():
     mb = M.build("mobilenetv2_100")
     assert [g.weight.numel() for g in attach_gates(mb)] == mb.arch.searchable_widths()
     assert len(gates_of(mb)) == 16  # every block but the first, which has no expansion
-    with pytest.raises(PasError, match="grouped convs"):
-        attach_gates(M.build("repvgg_b1g2"))
+    # grouped convs cannot take arbitrary widths: every layer next to one keeps its width, only the
+    # stem (feeding the dense layer 1) and the last layer (feeding the classifier) are searched
+    g2 = M.arch_for("repvgg_b1g2")
+    assert g2.group_names() == ["blocks.0", "blocks.27"]
+    assert g2.graph.groups[2].reason == "grouped conv blocks.2 (groups=2)"
 
 
 @pytest.mark.parametrize("name", SEARCHABLE)
@@ -83,9 +86,10 @@ def test_gated_macs_is_differentiable_through_both_factors():
     model = M.build("repvgg_a0_mini", **SMALL)
     gates = attach_gates(model)
     gated_macs(model).backward()
-    arch, sizes = model.arch, model.arch.feature_sizes()
+    widths, sizes = model.arch.searchable_widths(), model.arch.searchable_sizes()
+    assert sizes == [14, 14, 7, 7, 4, 4, 4, 2]  # 28 -> 14 (stem) -> 14 -> 7 -> 4 -> 2
     # dMACs/dv of one channel of layer 1 = (C_0 * 9 * H1^2 + C_2 * 9 * H2^2) (it is input and output)
-    expected = arch.widths[0] * 9 * sizes[1] ** 2 + arch.widths[2] * 9 * sizes[2] ** 2
+    expected = widths[0] * 9 * sizes[1] ** 2 + widths[2] * 9 * sizes[2] ** 2
     assert gates[1].weight.grad[0].item() == pytest.approx(expected)
 
 
@@ -114,8 +118,8 @@ def test_targets_and_their_errors():
 
 
 def test_penalty_is_scale_free_and_two_sided():
-    arch = M.arch_for("repvgg_b1")
-    model = M.build_model(arch)
+    model = M.build("repvgg_b1")
+    arch = model.arch
     attach_gates(model)
     pen = MacsPenalty(arch, resolve_target("1.36G", arch), alpha=14.0)
     value, macs = pen(model)
@@ -144,14 +148,14 @@ def test_bn_gamma_ranks_globally():
             bn.weight.data.fill_(0.01 if i == 2 else 1.0)
     masks = prune("bn_gamma", model, resolve_target("85%", model.arch))
     kept = [int(m.sum()) for m in masks]
-    assert kept[2] < model.arch.widths[2]
+    assert kept[2] < model.arch.searchable_widths()[2]
     others_whole = all(k == w for i, (k, w) in enumerate(zip(kept, model.arch.widths)) if i != 2)
     assert others_whole or kept[2] == 1  # nothing else goes before layer 2 is down to its minimum
 
 
 def test_adjust_flips_channels_nearest_the_threshold():
     arch = M.arch_for("repvgg_a0_mini", **SMALL)
-    scores = [torch.linspace(0.0, 1.0, w) for w in arch.widths]
+    scores = [torch.linspace(0.0, 1.0, w) for w in arch.searchable_widths()]
     masks = [s > 0.5 for s in scores]
     target = int(arch.macs([int(m.sum()) for m in masks]) * 0.97)
     out = adjust_masks(arch, masks, scores, target)

@@ -1,19 +1,29 @@
-"""The model registry: every searchable backbone by name, and the builder from an architecture.
+"""The model registry: every network by name, built with its channel graph attached as `.arch`.
 
-    arch = pas.models.arch_for("repvgg_b1", num_classes=1000, in_channels=3, resolution=224)
-    net = pas.models.build("repvgg_b1", num_classes=1000)          # training (multi-branch) form
-    plain = pas.models.build_model(arch, deploy=True)              # any widths, deploy form
+    net = pas.models.build("repvgg_b1", num_classes=1000)            # training (multi-branch) form
+    net.arch.macs(), net.arch.searchable_widths()                      # pas.graph.network.Network
+    pas.models.build("torchvision:resnet50"), pas.models.build("mypkg.models:build_net")
+
+Names: the registered members below; `torchvision:NAME` for any torchvision classification model;
+`module.path:function` for a user's builder, called with num_classes and in_channels.
 """
 from __future__ import annotations
 
+import importlib
+import re
+from functools import lru_cache
 from typing import Callable
 
+import torch
 from torch import nn
 
-from pas.arch import Architecture, MobileNetV2Arch, RepVGGArch, minimum_resolution
+from pas.arch import minimum_resolution
 from pas.errors import PasError
+from pas.graph.channels import channel_graph
+from pas.graph.network import Network, searched_groups
 from pas.models.mobilenetv2 import MobileNetV2, mobilenetv2_arch
 from pas.models.repvgg import RepVGG, repvgg_arch
+from pas.models.resnet import ResNet
 
 A_BLOCKS = (1, 2, 4, 14, 1)
 B_BLOCKS = (1, 4, 6, 16, 1)
@@ -34,62 +44,178 @@ MINI_STRIDES = (2, 1, 2, 2, 2)
 MINI_MBV2_SETTING = ((1, 16, 1, 1), (6, 24, 1, 1), (6, 32, 2, 2), (6, 64, 2, 2),
                      (6, 96, 1, 1), (6, 160, 1, 2), (6, 320, 1, 1))
 
-ArchFactory = Callable[..., Architecture]
+Builder = Callable[..., nn.Module]
 
 
-def _repvgg(variant: str, groups: int = 1, mini: bool = False) -> ArchFactory:
+def _repvgg(variant: str, groups: int = 1, mini: bool = False) -> Builder:
     a, b = MULTIPLIERS[variant]
     blocks = (MINI_B_BLOCKS if mini else B_BLOCKS) if variant[0] == "b" else (MINI_A_BLOCKS if mini else A_BLOCKS)
     extra = dict(base=MINI_BASE, strides=MINI_STRIDES) if mini else {}
-    return lambda **kw: repvgg_arch(a=a, b=b, blocks=blocks, groups=groups,
-                                    grouped_layers=GROUPED_LAYERS if groups > 1 else (), **extra, **kw)
+    return lambda **kw: RepVGG(repvgg_arch(a=a, b=b, blocks=blocks, groups=groups,
+                                           grouped_layers=GROUPED_LAYERS if groups > 1 else (), **extra, **kw))
 
 
-def _mbv2(width_mult: float, mini: bool = False) -> ArchFactory:
+def _mbv2(width_mult: float, mini: bool = False) -> Builder:
     extra = dict(setting=MINI_MBV2_SETTING, stem_stride=2, last_width=256) if mini else {}
-    return lambda **kw: mobilenetv2_arch(width_mult=width_mult, **extra, **kw)
+    return lambda **kw: MobileNetV2(mobilenetv2_arch(width_mult=width_mult, **extra, **kw))
 
 
-REGISTRY: dict[str, ArchFactory] = {
+# ResNet: torchvision's ImageNet members, and small members for 28x28/32x32 inputs with a 3x3
+# stride-2 stem (28 -> 14 -> 14 -> 7 -> 4 -> 2, as the other mini members) and an eighth of the widths.
+RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+           "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
+MINI_RESNETS = {"resnet10_mini": ("basic", (1, 1, 1, 1)), "resnet18_mini": ("basic", (2, 2, 2, 2)),
+                "resnet26_mini": ("bottleneck", (2, 2, 2, 2))}
+
+
+def _resnet(block: str, blocks: tuple[int, ...], mini: bool = False) -> Builder:
+    if mini:
+        return lambda *, in_channels, num_classes, resolution: ResNet(
+            block=block, blocks_per_stage=blocks, widths=(8, 16, 32, 64), stem_width=8, stem="small",
+            stem_stride=2, in_channels=in_channels, num_classes=num_classes)
+    return lambda *, in_channels, num_classes, resolution: ResNet(
+        block=block, blocks_per_stage=blocks, widths=(64, 128, 256, 512), stem_width=64,
+        in_channels=in_channels, num_classes=num_classes)
+
+
+REGISTRY: dict[str, Builder] = {
     **{f"repvgg_{v}": _repvgg(v) for v in MULTIPLIERS},
     "repvgg_b1g2": _repvgg("b1", 2), "repvgg_b1g4": _repvgg("b1", 4), "repvgg_b2g4": _repvgg("b2", 4),
     **{f"repvgg_{v}_mini": _repvgg(v, mini=True) for v in ("a0", "a1", "b0", "b1")},
     "mobilenetv2_100": _mbv2(1.0), "mobilenetv2_075": _mbv2(0.75), "mobilenetv2_050": _mbv2(0.5),
     "mobilenetv2_mini": _mbv2(0.5, mini=True), "mobilenetv2_mini_035": _mbv2(0.35, mini=True),
+    **{name: _resnet(*spec) for name, spec in RESNETS.items()},
+    **{name: _resnet(*spec, mini=True) for name, spec in MINI_RESNETS.items()},
 }
+_USER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def arch_for(name: str, *, num_classes: int = 1000, in_channels: int = 3, resolution: int = 224) -> Architecture:
-    """The deploy architecture of a registered network at this input size and class count."""
-    if name not in REGISTRY:
-        raise PasError(f"unknown model {name!r}; known models: {', '.join(names())}")
+def is_backbone(name: str) -> bool:
+    """A registered name, `torchvision:NAME` or `module.path:function` (whether it builds is checked
+    when it is built)."""
+    return name in REGISTRY or name.startswith("torchvision:") or bool(_USER.match(name))
+
+
+def family_of(name: str) -> str:
+    if name.startswith("torchvision:"):
+        return "torchvision"
+    if ":" in name:
+        return "custom"
+    return next((f for f in ("repvgg", "mobilenetv2", "resnet") if name.startswith(f)), "custom")
+
+
+def _check_args(name: str, num_classes, in_channels, resolution) -> None:
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("resolution", resolution)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PasError(f"{key} must be a positive integer, got {value!r}")
-    # Check the resolution against the recipe's strides before building, to name the model.
-    probe = REGISTRY[name](num_classes=num_classes, in_channels=in_channels, resolution=10**6)
-    strides = probe.strides if isinstance(probe, RepVGGArch) else [probe.stem_stride] + [b.stride for b in probe.blocks]
-    need = minimum_resolution(strides)
-    if resolution < need:
-        raise PasError(f"resolution {resolution} is too small for {name}: its "
-                       f"{sum(s == 2 for s in strides)} stride-2 layers need at least {need}")
-    return REGISTRY[name](num_classes=num_classes, in_channels=in_channels, resolution=resolution)
 
 
-def build_model(arch: Architecture, *, deploy: bool = False) -> nn.Module:
-    """Training (multi-branch, BN) or deploy (plain, biased convs) network for an architecture."""
-    if isinstance(arch, RepVGGArch):
-        return RepVGG(arch, deploy=deploy)
-    if isinstance(arch, MobileNetV2Arch):
-        return MobileNetV2(arch, deploy=deploy)
-    raise PasError(f"cannot build a network from {type(arch).__name__}")
+def _construct(name: str, *, num_classes: int, in_channels: int, resolution: int) -> nn.Module:
+    """The training-form module of `name` (no graph yet)."""
+    _check_args(name, num_classes, in_channels, resolution)
+    if name in REGISTRY:
+        model = REGISTRY[name](num_classes=num_classes, in_channels=in_channels, resolution=resolution)
+        spec = getattr(model, "spec", None)
+        strides = getattr(spec, "strides", None) or ([spec.stem_stride] + [b.stride for b in spec.blocks] if spec else None)
+        if strides and resolution < minimum_resolution(strides):
+            raise PasError(f"resolution {resolution} is too small for {name}: its "
+                           f"{sum(s == 2 for s in strides)} stride-2 layers need at least {minimum_resolution(strides)}")
+        return model
+    if name.startswith("torchvision:"):
+        return _torchvision(name.split(":", 1)[1], num_classes=num_classes, in_channels=in_channels)
+    if _USER.match(name):
+        return _user(name, num_classes=num_classes, in_channels=in_channels)
+    raise PasError(f"unknown model {name!r}; known models: {', '.join(names())}, torchvision:NAME, or "
+                   f"module.path:function")
 
 
-def build(name: str, *, num_classes: int = 1000, in_channels: int = 3, resolution: int = 224,
-          deploy: bool = False) -> nn.Module:
-    arch = arch_for(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution)
-    return build_model(arch, deploy=deploy)
+def _torchvision(arch: str, *, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise PasError(f"torchvision has no classification model {arch!r}; expected one of "
+                       f"torchvision.models.list_models(), e.g. resnet50, mobilenet_v3_small, efficientnet_b0")
+    if in_channels != 3:
+        raise PasError(f"torchvision:{arch} takes 3 input channels, got in_channels {in_channels}; expected a "
+                       f"3-channel dataset (set dataset.in_channels: 3)")
+    kwargs = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+def _user(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
+    module, fn = spec.split(":")
+    try:
+        builder = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise PasError(f"backbone {spec!r} cannot be imported ({type(e).__name__}: {e}); expected "
+                       f"'module.path:function' importable from the working directory") from None
+    model = builder(num_classes=num_classes, in_channels=in_channels)
+    if not isinstance(model, nn.Module):
+        raise PasError(f"backbone {spec!r} returned a {type(model).__name__}; expected a torch.nn.Module")
+    return model
+
+
+@lru_cache(maxsize=64)
+def _graph(name: str, num_classes: int, in_channels: int, resolution: int):
+    with torch.device("meta"):
+        model = _construct(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution)
+    return channel_graph(model, (in_channels, resolution, resolution)), _policy(model)
+
+
+def _policy(model: nn.Module):
+    return getattr(model, "pas_searchable", None)
+
+
+def network(model: nn.Module, *, backbone: str, in_channels: int, num_classes: int, resolution: int,
+            graph=None) -> Network:
+    """The searchable view of a built `model` (its channel graph, traced unless given)."""
+    graph = graph or channel_graph(model, (in_channels, resolution, resolution))
+    return Network(graph, searched_groups(graph, _policy(model)), backbone=backbone, family=family_of(backbone),
+                   in_channels=in_channels, num_classes=num_classes, resolution=resolution)
+
+
+def arch_for(name: str, *, num_classes: int = 1000, in_channels: int = 3, resolution: int = 224) -> Network:
+    """The searchable view of a network at this input size and class count (no weights allocated)."""
+    _check_args(name, num_classes, in_channels, resolution)
+    graph, policy = _graph(name, num_classes, in_channels, resolution)
+    return Network(graph, searched_groups(graph, policy), backbone=name, family=family_of(name),
+                   in_channels=in_channels, num_classes=num_classes, resolution=resolution)
+
+
+def build(name: str, *, num_classes: int = 1000, in_channels: int = 3, resolution: int = 224) -> nn.Module:
+    """The training-form network, with `.arch` (its Network) attached."""
+    model = _construct(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution)
+    model.arch = arch_for(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution)
+    return model
+
+
+def build_deployed(net: Network) -> nn.Module:
+    """The plain deployed network of `net` (fused, every searched group at its width), weights
+    uninitialised: the shape `pas.deploy.load_deployed` loads weights into."""
+    from pas.compact import compact
+    model = build(net.backbone, num_classes=net.num_classes, in_channels=net.in_channels,
+                  resolution=net.resolution)
+    keep = []
+    for w, full in zip(net.searchable_widths(), net.full_widths()):
+        m = torch.zeros(full, dtype=torch.bool)
+        m[:w] = True
+        keep.append(m)
+    return compact(model.eval(), keep)
+
+
+def network_from_dict(d: dict) -> Network:
+    """Inverse of Network.to_dict, with a clear error for anything else."""
+    from pas.graph.network import NETWORK_FORMAT
+    if not isinstance(d, dict) or d.get("format") != NETWORK_FORMAT:
+        got = d.get("format", d.get("family")) if isinstance(d, dict) else type(d).__name__
+        raise PasError(f"architecture format {got!r} is unknown; expected {NETWORK_FORMAT!r} (arch.json written "
+                       f"by pas deploy)")
+    try:
+        net = arch_for(d["backbone"], num_classes=int(d["num_classes"]), in_channels=int(d["in_channels"]),
+                       resolution=int(d["resolution"]))
+        return net.with_widths(d["widths"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PasError(f"malformed architecture: {type(e).__name__}: {e}") from None

@@ -61,7 +61,7 @@ class InvertedResidualBlock(nn.Module):
 class MobileNetV2(nn.Module):
     def __init__(self, arch: MobileNetV2Arch, *, deploy: bool = False, dropout: float = 0.2):
         super().__init__()
-        self.arch = arch
+        self.spec = arch
         self.stem = _conv(arch.in_channels, arch.stem_width, 3, arch.stem_stride, 1, "relu6", deploy)
         self.blocks = nn.Sequential(*(InvertedResidualBlock(b, deploy=deploy) for b in arch.blocks))
         self.head = _conv(arch.blocks[-1].out_width, arch.last_width, 1, 1, 1, "relu6", deploy)
@@ -72,6 +72,7 @@ class MobileNetV2(nn.Module):
         x = self.head(self.blocks(self.stem(x)))
         return self.fc(self.dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
 
-    def gate_sites(self) -> list[nn.Module]:
-        """The expansion conv of every expanding block is gated after its ReLU6."""
-        return [b.expand for b in self.blocks if b.expand is not None]
+    def pas_searchable(self, group) -> bool:
+        """Only the expanded hidden widths are searched (the paper's PaS-light): a gate after each
+        expansion 1x1 (+BN+ReLU6); the residual trunks keep their widths."""
+        return group.producers[0].endswith(".expand")

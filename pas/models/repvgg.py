@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from pas.arch import RepVGGArch
-from pas.errors import PasError
-from pas.models.layers import ConvAct, GateSite
+from pas.models.layers import ConvAct
 from pas.reparam import fold_bn, fused_conv, identity_kernel, pad_to
 
 
@@ -17,7 +16,7 @@ def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int) -> nn
     )
 
 
-class RepVGGBlock(GateSite):
+class RepVGGBlock(nn.Module):
     """ReLU(BN(3x3) + BN(1x1) + BN(identity)); identity only where C_in == C_out and stride 1."""
 
     def __init__(self, c_in: int, c_out: int, *, stride: int = 1, groups: int = 1):
@@ -26,13 +25,16 @@ class RepVGGBlock(GateSite):
         self.rbr_1x1 = _conv_bn(c_in, c_out, 1, stride, groups)
         self.rbr_identity = nn.BatchNorm2d(c_in) if c_in == c_out and stride == 1 else None
         self.act = nn.ReLU(inplace=True)
-        self._init_gate(c_out)
 
     def forward(self, x):
         y = self.rbr_dense(x) + self.rbr_1x1(x)
         if self.rbr_identity is not None:
             y = y + self.rbr_identity(x)
-        return self._gated(self.act(y))
+        return self.act(y)
+
+    def output_bns(self) -> list[nn.BatchNorm2d]:
+        """The BNs that scale the block's output channels (BN-gamma ranking); the identity's does not."""
+        return [self.rbr_dense[1], self.rbr_1x1[1]]
 
     @torch.no_grad()
     def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +52,7 @@ class RepVGGBlock(GateSite):
 
     def fuse(self) -> ConvAct:
         weight, bias = self.fused_kernel_bias()
-        return ConvAct(fused_conv(self.rbr_dense[0], weight, bias), "relu", self.gate)
+        return ConvAct(fused_conv(self.rbr_dense[0], weight, bias), "relu")
 
 
 class RepVGG(nn.Module):
@@ -58,7 +60,7 @@ class RepVGG(nn.Module):
 
     def __init__(self, arch: RepVGGArch, *, deploy: bool = False):
         super().__init__()
-        self.arch = arch
+        self.spec = arch
         layers, c_in = [], arch.in_channels
         for w, s, g in zip(arch.widths, arch.strides, arch.groups):
             if deploy:
@@ -73,14 +75,6 @@ class RepVGG(nn.Module):
     def forward(self, x):
         x = self.blocks(x)
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-    def gate_sites(self) -> list[nn.Module]:
-        """Every block (stem and last included) is gated after its ReLU."""
-        grouped = [i for i, g in enumerate(self.arch.groups) if g > 1]
-        if grouped:
-            raise PasError(f"layers {grouped} are grouped convs, which cannot take arbitrary widths; "
-                           f"search a dense RepVGG member instead")
-        return list(self.blocks)
 
 
 def repvgg_arch(*, a: float, b: float, blocks: tuple[int, ...], base: tuple[int, ...] = (64, 64, 128, 256, 512),

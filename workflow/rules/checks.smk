@@ -77,8 +77,9 @@ def check_config(cfg):
         if v["name"] in seen:
             config_error(f"{key}.name", f"variant name {v['name']!r} is used more than once; names must be unique")
         seen.add(v["name"])
-        if v["backbone"] not in known:
-            config_error(f"{key}.backbone", f"unknown backbone {v['backbone']!r}; known: {', '.join(known)}")
+        if not pas.models.is_backbone(v["backbone"]):
+            config_error(f"{key}.backbone", f"unknown backbone {v['backbone']!r}; known: {', '.join(known)}, "
+                                            f"torchvision:NAME or module.path:function")
         try:
             arch = network_arch(cfg, v["backbone"])
         except PasError as e:
@@ -90,7 +91,7 @@ def check_config(cfg):
             config_error(f"{key}.target", f"{v['name']} on {v['backbone']}: {e}")
     scratch = cfg["references"]["scratch"]
     for i, name in enumerate(scratch):
-        if name not in known:
+        if not pas.models.is_backbone(name):
             config_error(f"references.scratch[{i}]", f"unknown network {name!r}; known: {', '.join(known)}")
         if name in scratch[:i]:
             config_error(f"references.scratch[{i}]", f"{name!r} is listed more than once")

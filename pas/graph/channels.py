@@ -1,0 +1,470 @@
+"""Channel groups of any traceable CNN: which channels must be kept or removed together.
+
+torch.fx traces the network (on the meta device: no arithmetic). Every dense conv or linear layer
+opens a channel *space* for its output; ops that combine tensors element-wise (add, mul) tie the
+spaces of their inputs together; depth-wise convs, BN, activations, pooling and dropout pass their
+input's channels through; `torch.cat` along channels concatenates. A *group* is a set of tied
+spaces (union-find): the residual trunk of a ResNet stage is one group, every layer of a fused
+RepVGG is its own.
+
+Modules that fuse themselves (`fuse()`, e.g. a RepVGG training block) are read in their fused form,
+one conv: a branch that fuses away (RepVGG's identity) ties nothing, which is exactly the freedom
+PaS exploits. A group is prunable unless it touches the network's input or output, a grouped conv
+or a norm that mixes channels.
+
+The tracer refuses what it cannot reason about (an op with unknown channel semantics, a parameter
+used directly in forward, data-dependent control flow) with a one-line error naming the module and
+the op, instead of a wrong count.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from pas.errors import PasError
+
+# Modules and functions that keep every channel where it is (x -> f(x) channel-wise).
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.GELU, nn.Tanh,
+                 nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU, nn.Dropout, nn.Dropout2d, nn.Identity,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Upsample,
+                 nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d, nn.ConstantPad2d)
+_NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm, nn.InstanceNorm2d)
+_F = nn.functional
+_PASS_FUNCTIONS = {_F.relu, _F.relu6, _F.hardswish, _F.hardsigmoid, _F.silu, _F.gelu, _F.sigmoid, _F.tanh,
+                   _F.leaky_relu, _F.elu, _F.mish, _F.dropout, _F.dropout2d, _F.adaptive_avg_pool2d,
+                   _F.adaptive_max_pool2d, _F.avg_pool2d, _F.max_pool2d, _F.interpolate, torch.relu,
+                   torch.sigmoid, torch.tanh, torch.nn.functional.pad, torch.clone}
+_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float", "half",
+                 "to", "type_as", "detach"}
+_ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div}
+_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_NON_TENSOR_METHODS = {"size", "dim"}
+
+
+def _register_torchvision_passes() -> None:
+    try:  # torchvision's stochastic depth is an fx-wrapped function: identity at eval time
+        from torchvision.ops import stochastic_depth
+        _PASS_FUNCTIONS.add(stochastic_depth)
+    except ImportError:
+        pass
+
+
+_register_torchvision_passes()
+
+
+@dataclass
+class Layer:
+    """A conv, linear or norm layer as the cost model and the compaction see it.
+
+    `in_layout` and `out_layout` list the channel spaces of the input and the output (a cat makes
+    several); a depth-wise conv has out_layout == in_layout. `factor`: input features per channel
+    of a linear layer after a flatten (H*W).
+    """
+    module: str
+    kind: str  # "conv", "depthwise", "grouped", "linear", "norm"
+    in_layout: tuple[int, ...]
+    out_layout: tuple[int, ...]
+    kernel: tuple[int, int] = (1, 1)
+    out_hw: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = False
+    factor: int = 1
+    in_channels: int = 0
+    out_channels: int = 0
+    bn: str | None = None  # conv: the BN right after it, which deployment folds into it
+    folded: bool = False  # norm: folded into the conv before it when deployed
+
+
+@dataclass
+class Group:
+    """Tied channel spaces: they are kept or removed together, channel by channel."""
+    index: int
+    size: int
+    spaces: list[int]
+    producers: list[str]  # modules whose outputs open the group's spaces, in graph order
+    sites: list[str]  # per producer: where its output is masked (the BN after a conv, or itself)
+    side: int  # feature-map side of the first producer's output (1 after global pooling)
+    prunable: bool
+    reason: str = ""  # why a group is not prunable
+
+
+@dataclass
+class MaskPoint:
+    """A module whose output carries prunable channels: a gate multiplies them there."""
+    module: str
+    layout: tuple[int, ...]
+
+
+@dataclass
+class ChannelGraph:
+    layers: list[Layer]
+    groups: list[Group]
+    space_group: dict[int, int]  # space id -> group index
+    space_size: dict[int, int]
+    mask_points: list[MaskPoint]
+    in_channels: int
+    input_shape: tuple[int, ...] = field(default_factory=tuple)
+
+    def prunable(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def layout_groups(self, layout) -> list[tuple[int, int]]:
+        """[(group index, channels)] of a layout."""
+        return [(self.space_group[s], self.space_size[s]) for s in layout]
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn layers and every module that fuses itself are leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return callable(getattr(m, "fuse", None)) or super().is_leaf_module(m, qualname)
+
+
+def _where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        return f"in module {path or '<root>'} ({getattr(cls, '__name__', cls)})"
+    return "at the top level"
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        return f"method .{t}()"
+    return f"function {getattr(t, '__module__', '') + '.' if getattr(t, '__module__', '') else ''}{getattr(t, '__name__', t)}"
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The fx graph of `model`; a one-line error for what symbolic tracing cannot follow."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        raise PasError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {msg}); "
+                       f"expected a network without data-dependent control flow") from None
+    return fx.GraphModule(model, graph)
+
+
+def _fused_view(module: nn.Module) -> nn.Module:
+    """The conv a fusable leaf becomes (read on a copy, the model is untouched)."""
+    fused = copy.deepcopy(module).eval().fuse()
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) != 1:
+        raise PasError(f"{type(module).__name__}.fuse() gives {len(convs)} convs; expected exactly one")
+    return convs[0]
+
+
+class _Analysis:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.parent: dict[int, int] = {}
+        self.size: dict[int, int] = {}
+        self.producer: dict[int, str] = {}
+        self.side: dict[int, int] = {}
+        self.fixed: dict[int, str] = {}
+        self.layout: dict[fx.Node, tuple[int, ...]] = {}
+        self.factor: dict[fx.Node, int] = {}
+        self.layers: list[Layer] = []
+        self.sites: dict[str, tuple[int, ...]] = {}
+        self.calls: dict[str, int] = {}
+        self.site_of: dict[int, str] = {}
+        self.layer_of: dict[fx.Node, Layer] = {}
+
+    # -- union-find over spaces ---------------------------------------------------------------
+    def new_space(self, size: int, producer: str, side: int) -> int:
+        s = len(self.size)
+        self.parent[s], self.size[s], self.producer[s], self.side[s] = s, size, producer, side
+        return s
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def tie(self, a: tuple[int, ...], b: tuple[int, ...], node: fx.Node) -> None:
+        sa, sb = [self.size[s] for s in a], [self.size[s] for s in b]
+        if sa != sb:
+            if sum(sa) == sum(sb):  # e.g. cat([x, y]) + z: tie channel by channel is not expressible
+                for s in a + b:
+                    self.fixed.setdefault(s, f"channels tied across unequal segments {_where(node)}")
+                return
+            raise PasError(f"{_op_name(node)} {_where(node)} combines {sum(sa)} and {sum(sb)} channels; "
+                           f"expected equal channel counts")
+        for x, y in zip(a, b):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    # -- nodes ----------------------------------------------------------------------------------
+    @staticmethod
+    def shape(node) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def tensor_args(self, node: fx.Node) -> list[fx.Node]:
+        out = []
+        for a in _flat(node.args, node.kwargs):
+            if isinstance(a, fx.Node) and a in self.layout:
+                out.append(a)
+            elif isinstance(a, fx.Node) and a.op == "get_attr":
+                raise PasError(f"{_op_name(node)} {_where(node)} uses the tensor {a.target!r} directly; the "
+                               f"tracer cannot tell which of its entries belong to which channel")
+        return out
+
+    def run(self, in_channels: int) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                shape = self.shape(node)
+                s = self.new_space(in_channels, "<input>", shape[-1] if shape else 0)
+                self.fixed[s] = "the network input"
+                self.layout[node] = (s,)
+            elif node.op == "get_attr":
+                continue
+            elif node.op == "call_module":
+                self.call_module(node)
+            elif node.op in ("call_function", "call_method"):
+                self.call_function(node)
+            elif node.op == "output":
+                for a in _flat(node.args, {}):
+                    if isinstance(a, fx.Node) and a in self.layout:
+                        for s in self.layout[a]:
+                            self.fixed[s] = "the network output"
+
+    def out_side(self, node) -> int:
+        shape = self.shape(node)
+        return shape[-1] if shape and len(shape) == 4 else 1
+
+    def call_module(self, node: fx.Node) -> None:
+        name = node.target
+        module = self.modules[name]
+        self.calls[name] = self.calls.get(name, 0) + 1
+        args = [a for a in _flat(node.args, node.kwargs) if isinstance(a, fx.Node) and a in self.layout]
+        if callable(getattr(module, "fuse", None)):
+            self.conv(node, name, _fused_view(module), args, site=name)
+        elif isinstance(module, nn.Conv2d):
+            self.conv(node, name, module, args, site=self.site_after(node, name))
+        elif isinstance(module, nn.Linear):
+            self.linear(node, name, module, args)
+        elif isinstance(module, _NORMS):
+            lay = self.layout[args[0]]
+            self.layout[node] = lay
+            before = self.layer_of.get(args[0])
+            folded = before is not None and before.bn == name
+            if getattr(module, "weight", None) is not None or getattr(module, "running_mean", None) is not None:
+                self.layers.append(Layer(name, "norm", lay, lay, in_channels=module.num_features,
+                                         out_channels=module.num_features, folded=folded,
+                                         bias=getattr(module, "weight", None) is not None))
+        elif isinstance(module, nn.GroupNorm):
+            lay = self.layout[args[0]]
+            for s in lay:
+                self.fixed[s] = f"GroupNorm {name} mixes channels within its groups"
+            self.layout[node] = lay
+            if module.weight is not None:
+                self.layers.append(Layer(name, "norm", lay, lay, in_channels=module.num_channels,
+                                         out_channels=module.num_channels))
+        elif isinstance(module, nn.Flatten):
+            self.flatten(node, args[0], module.start_dim)
+        elif isinstance(module, _PASS_MODULES):
+            if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+                raise PasError(f"module {name} (PReLU with {module.num_parameters} slopes) has per-channel "
+                               f"parameters the tracer does not slice; expected one slope")
+            self.layout[node] = self.layout[args[0]]
+            self.factor[node] = self.factor.get(args[0], 1)
+        else:
+            raise PasError(f"module {name} ({type(module).__name__}) has no known channel semantics; the "
+                           f"tracer handles convs, linear layers, norms, activations, pooling and dropout")
+
+    def calls_of(self, module: str) -> int:
+        return sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == module)
+
+    def site_after(self, node: fx.Node, name: str) -> str:
+        """Where a gate masks a conv's output: after the BN that follows it, if one does (a masked
+        channel must be zero after the affine BN too), else right after the conv."""
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and \
+                isinstance(self.modules[users[0].target], _NORMS):
+            return users[0].target
+        return name
+
+    def conv(self, node, name, conv: nn.Conv2d, args, site: str) -> None:
+        lay = self.layout[args[0]]
+        c_in, c_out, g = conv.in_channels, conv.out_channels, conv.groups
+        shape = self.shape(node)
+        hw = (shape[2], shape[3])
+        common = dict(kernel=tuple(conv.kernel_size), out_hw=hw, groups=g, bias=conv.bias is not None,
+                      in_channels=c_in, out_channels=c_out)
+        if g == 1:
+            out = (self.new_space(c_out, name, hw[1]),)
+            kind = "conv"
+        elif g == c_in == c_out:
+            out, kind = lay, "depthwise"
+        else:
+            out = (self.new_space(c_out, name, hw[1]),)
+            kind = "grouped"
+            for s in lay + out:
+                self.fixed[s] = f"grouped conv {name} (groups={g})"
+        bn = site if site != name and isinstance(self.modules[site], (nn.BatchNorm2d, nn.SyncBatchNorm)) \
+            and self.calls_of(site) == 1 else None
+        layer = Layer(name, kind, lay, out, bn=bn, **common)
+        self.layers.append(layer)
+        self.layer_of[node] = layer
+        self.layout[node] = out
+        self.sites.setdefault(site, out)
+        if kind != "depthwise":
+            self.site_of[out[0]] = site
+
+    def linear(self, node, name, linear: nn.Linear, args) -> None:
+        src = args[0]
+        shape = self.shape(src)
+        if shape is None or len(shape) != 2:
+            raise PasError(f"module {name} (Linear) gets a {len(shape) if shape else '?'}-d input; the tracer "
+                           f"handles linear layers on flattened (N, features) inputs")
+        lay, factor = self.layout[src], self.factor.get(src, 1)
+        out = (self.new_space(linear.out_features, name, 1),)
+        self.layers.append(Layer(name, "linear", lay, out, bias=linear.bias is not None, factor=factor,
+                                 in_channels=linear.in_features, out_channels=linear.out_features))
+        self.layout[node] = out
+        self.sites.setdefault(name, out)
+
+    def flatten(self, node, src, start_dim: int) -> None:
+        shape = self.shape(src)
+        if start_dim != 1 or shape is None:
+            raise PasError(f"flatten from dim {start_dim} {_where(node)}: the tracer handles flattening "
+                           f"(N, C, H, W) from dim 1")
+        self.layout[node] = self.layout[src]
+        self.factor[node] = math.prod(shape[2:]) if len(shape) > 2 else self.factor.get(src, 1)
+
+    def call_function(self, node: fx.Node) -> None:
+        t = node.target
+        tensors = self.tensor_args(node)
+        if not tensors:
+            return  # shapes, sizes, constants
+        out_shape = self.shape(node)
+        if node.op == "call_method" and t in _NON_TENSOR_METHODS:
+            return
+        if t is operator.getitem or (out_shape is None and node.op == "call_function"):
+            if t is operator.getitem and self.shape(node) is not None:
+                raise PasError(f"indexing a tensor {_where(node)} selects channels the tracer cannot follow")
+            return
+        src = tensors[0]
+        if t in _PASS_FUNCTIONS or (node.op == "call_method" and t in _PASS_METHODS):
+            self.layout[node], self.factor[node] = self.layout[src], self.factor.get(src, 1)
+        elif t in _ELEMENTWISE or (node.op == "call_method" and t in _ELEMENTWISE_METHODS):
+            channels = out_shape[1] if out_shape and len(out_shape) >= 2 else None
+            wide = [a for a in tensors if (self.shape(a) or (0, 0))[1:2] == (channels,)] or tensors[:1]
+            for a in wide[1:]:
+                self.tie(self.layout[wide[0]], self.layout[a], node)
+            self.layout[node], self.factor[node] = self.layout[wide[0]], self.factor.get(wide[0], 1)
+        elif t is torch.cat:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if dim < 0:
+                dim += len(self.shape(src) or ())
+            if dim == 1:
+                self.layout[node] = tuple(s for a in tensors for s in self.layout[a])
+            else:
+                for a in tensors[1:]:
+                    self.tie(self.layout[tensors[0]], self.layout[a], node)
+                self.layout[node] = self.layout[tensors[0]]
+        elif t is torch.flatten or (node.op == "call_method" and t == "flatten"):
+            start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+            self.flatten(node, src, start)
+        elif node.op == "call_method" and t in ("view", "reshape") or t is torch.reshape:
+            in_shape = self.shape(src)
+            if out_shape and in_shape and len(out_shape) == 2 and out_shape[0] == in_shape[0] \
+                    and out_shape[1] == math.prod(in_shape[1:]):
+                self.flatten(node, src, 1)
+            else:
+                raise PasError(f"{_op_name(node)} {_where(node)} reshapes {in_shape} to {out_shape}, which "
+                               f"moves channels; the tracer only follows a flatten to (N, C*H*W)")
+        elif (t is torch.mean or (node.op == "call_method" and t == "mean")) and out_shape is not None \
+                and len(out_shape) >= 2 and out_shape[1] == (self.shape(src) or (0, 0))[1]:
+            self.layout[node] = self.layout[src]
+        else:
+            raise PasError(f"{_op_name(node)} {_where(node)} has no known channel semantics; the tracer "
+                           f"handles element-wise arithmetic, cat, flatten, activations and pooling")
+
+    # -- result ---------------------------------------------------------------------------------
+    def result(self, in_channels: int, input_shape) -> ChannelGraph:
+        for name, n in self.calls.items():
+            if n > 1 and name in self.sites:
+                for s in self.sites[name]:
+                    self.fixed[s] = f"module {name} is called {n} times"
+        groups, index = [], {}
+        space_group = {}
+        for s in range(len(self.size)):
+            r = self.find(s)
+            if r not in index:
+                index[r] = len(groups)
+                groups.append(Group(index[r], self.size[s], [], [], [], self.side[s], True))
+            g = groups[index[r]]
+            if self.size[s] != g.size:
+                raise PasError(f"channel spaces of {g.size} and {self.size[s]} channels are tied "
+                               f"({self.producer[s]}); expected equal widths")
+            g.spaces.append(s)
+            g.producers.append(self.producer[s])
+            g.sites.append(self.site_of.get(s, self.producer[s]))
+            space_group[s] = g.index
+            if s in self.fixed and g.prunable:
+                g.prunable, g.reason = False, self.fixed[s]
+        for g in groups:  # a fixed space found after the first one still fixes its group
+            for s in g.spaces:
+                if s in self.fixed:
+                    g.prunable, g.reason = False, self.fixed[s]
+                    break
+        prunable = {g.index for g in groups if g.prunable}
+        points = [MaskPoint(m, lay) for m, lay in self.sites.items()
+                  if any(space_group[s] in prunable for s in lay)]
+        return ChannelGraph(self.layers, groups, space_group, dict(self.size), points, in_channels,
+                            tuple(input_shape))
+
+
+def _flat(args, kwargs):
+    out = []
+
+    def walk(a):
+        if isinstance(a, (list, tuple)):
+            for x in a:
+                walk(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                walk(x)
+        else:
+            out.append(a)
+    walk(args)
+    walk(kwargs)
+    return out
+
+
+def channel_graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGraph:
+    """Trace `model` on the meta device and find its channel groups.
+
+    `input_shape` is one example input's shape without the batch, e.g. (3, 224, 224).
+    """
+    meta = copy.deepcopy(model).to("meta").eval()
+    for m in meta.modules():  # gates of a gated model: a traced graph must not see them
+        m._forward_hooks.clear()
+    gm = trace(meta)
+    x = torch.zeros((2, *input_shape), device="meta")
+    try:
+        ShapeProp(gm).propagate(x)
+    except PasError:
+        raise
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        raise PasError(f"{type(model).__name__} does not run on a {tuple(input_shape)} input ({type(e).__name__}: "
+                       f"{msg})") from None
+    analysis = _Analysis(gm)
+    analysis.run(input_shape[0])
+    return analysis.result(input_shape[0], input_shape)
