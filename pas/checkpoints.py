@@ -16,6 +16,12 @@ running_mean, running_var, num_batches_tracked.
     rbr_reparam.{weight,bias}  (deploy)    reparam_conv.{weight,bias}      conv.{weight,bias}  (deploy=True)
   linear.{weight,bias}                   head.fc.{weight,bias}           fc.{weight,bias}
 
+torchvision's MobileNetV2 (`features.*`, `classifier.1.*`) maps onto ours (pas.models.mobilenetv2):
+features.0 -> stem, features.i -> blocks.(i-1) (conv.0 expand, conv.1 depth-wise, conv.2/3 project
+conv/BN; a block without expansion starts at the depth-wise conv), features.18 -> head,
+classifier.1 -> fc. torchvision's ResNets and every `torchvision:NAME` network use torchvision's own
+key names, so their files load as they are.
+
 Not mappable, refused with a message: squeeze-excitation blocks (official `use_se=True` keys
 `*.se.down/up.*`, timm `repvgg_d2se` keys `*.attn.*`), since our RepVGG has no SE layer; and
 RepVGGplus checkpoints (`stage3_first`, `stage1_aux`, ...), a different network. timm's
@@ -36,7 +42,7 @@ from torch import nn
 
 from pas.errors import PasError
 
-FORMATS = ("pas", "official", "timm")
+FORMATS = ("pas", "official", "timm", "torchvision")
 
 _OFFICIAL_BLOCK = re.compile(r"^stage(\d+)\.(\d+)\.(.+)$")
 _OFFICIAL_STEM = re.compile(r"^stage0\.(\D.*)$")
@@ -87,6 +93,8 @@ def detect_format(state_dict: Mapping) -> str:
         found.append("timm")
     if any(_PAS_KEY.match(k) for k in keys):
         found.append("pas")
+    if any(k.startswith("features.") for k in keys) and any(k.startswith("classifier.") for k in keys):
+        found.append("torchvision")
     if any(_REPVGGPLUS.match(k) for k in keys):
         raise PasError(f"RepVGGplus checkpoint (key {next(k for k in keys if _REPVGGPLUS.match(k))!r}) "
                        f"is a different network; expected RepVGG weights")
@@ -98,10 +106,42 @@ def detect_format(state_dict: Mapping) -> str:
     return found[0]
 
 
+_TV_FEATURE = re.compile(r"^features\.(\d+)\.(.+)$")
+
+
+def _torchvision_mobilenetv2(state_dict: Mapping) -> tuple[dict, dict]:
+    """torchvision's MobileNetV2 names -> ours (see the table in the module docstring)."""
+    last = max(int(m.group(1)) for k in state_dict if (m := _TV_FEATURE.match(k)))
+    out, origin = {}, {}
+    for key, value in state_dict.items():
+        new, m = key, _TV_FEATURE.match(key)
+        if key.startswith("classifier.1."):
+            new = "fc." + key[len("classifier.1."):]
+        elif m:
+            i, rest = int(m.group(1)), m.group(2)
+            if i in (0, last):
+                part, _, tail = rest.partition(".")
+                new = f"{'stem' if i == 0 else 'head'}.{ {'0': 'conv', '1': 'bn'}.get(part, part)}.{tail}"
+            elif rest.startswith("conv."):
+                expands = f"features.{i}.conv.3.weight" in state_dict
+                names = (["expand", "depthwise"] if expands else ["depthwise"])
+                idx, _, tail = rest[len("conv."):].partition(".")
+                j = int(idx)
+                if j < len(names):  # a ConvBNActivation: .0 conv, .1 BN
+                    sub, _, param = tail.partition(".")
+                    new = f"blocks.{i - 1}.{names[j]}.{ {'0': 'conv', '1': 'bn'}[sub]}.{param}"
+                else:  # the projection: a plain conv, then its BN
+                    new = f"blocks.{i - 1}.project.{'conv' if j == len(names) else 'bn'}.{tail}"
+        out[new], origin[new] = value, key
+    return out, origin
+
+
 def _convert(state_dict: Mapping, fmt: str, source: str) -> tuple[dict, dict]:
     """(ours_key -> tensor, ours_key -> original key). Unrecognised keys keep their own name."""
     if fmt == "pas":
         return dict(state_dict), {k: k for k in state_dict}
+    if fmt == "torchvision":
+        return _torchvision_mobilenetv2(state_dict)
     block_re, stem_re = (_OFFICIAL_BLOCK, _OFFICIAL_STEM) if fmt == "official" else (_TIMM_BLOCK, _TIMM_STEM)
     stage_offset = 0 if fmt == "official" else 1      # timm's stages.0 is official stage1
     parsed, blocks = {}, set()
@@ -176,6 +216,14 @@ def format_of(state_dict: Mapping, model: nn.Module) -> str:
 def _to_pas(state_dict: Mapping, model: nn.Module, source: str) -> tuple[dict, dict]:
     state_dict = _strip_module_prefix(state_dict)
     fmt = format_of(state_dict, model)
+    if fmt == "torchvision":
+        from pas.models.mobilenetv2 import MobileNetV2
+        if not isinstance(model, MobileNetV2):
+            raise PasError(f"{source} holds torchvision MobileNetV2 weights but the model is a "
+                           f"{type(model).__name__}; expected a MobileNetV2 built by pas.models.build")
+        converted, origin = _convert(state_dict, fmt, source)
+        _check_shapes(converted, origin, model, source)
+        return converted, origin
     form, model_form = _checkpoint_form(state_dict, fmt), _model_form(model)
     if fmt != "pas" and model_form is None:
         raise PasError(f"{source} holds {fmt} RepVGG weights but the model is a {type(model).__name__}; "
@@ -184,6 +232,11 @@ def _to_pas(state_dict: Mapping, model: nn.Module, source: str) -> tuple[dict, d
         raise PasError(f"{source} holds {form}-form RepVGG weights but the model is in {model_form} form; "
                        f"build it with deploy={form == 'deploy'}")
     converted, origin = _convert(state_dict, fmt, source)
+    _check_shapes(converted, origin, model, source)
+    return converted, origin
+
+
+def _check_shapes(converted: dict, origin: dict, model: nn.Module, source: str) -> None:
     expected = model.state_dict()
     for key, value in converted.items():
         if not isinstance(value, torch.Tensor):
@@ -192,7 +245,6 @@ def _to_pas(state_dict: Mapping, model: nn.Module, source: str) -> tuple[dict, d
             ours = f" (our {key!r})" if origin[key] != key else ""
             raise PasError(f"{source}: key {origin[key]!r}{ours} has shape {tuple(value.shape)}, expected "
                            f"{tuple(expected[key].shape)}; the weights are for another architecture or class count")
-    return converted, origin
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -35,16 +35,15 @@ def art(tmp_path_factory) -> Path:
     from PIL import Image
     from safetensors.torch import save_file
 
-    from pas.arch import save_arch
-    from pas.models import arch_for, build_model
+    from pas.models import arch_for, build, build_deployed
     from pas.stages import _masks_record
 
     d = tmp_path_factory.mktemp("inputs")
     small = dict(num_classes=10, in_channels=1, resolution=28)
     a0, a1 = arch_for("repvgg_a0_mini", **small), arch_for("repvgg_a1_mini", **small)
     torch.manual_seed(0)
-    torch.save(build_model(a0).state_dict(), d / "a0.pt")
-    torch.save(build_model(a1).state_dict(), d / "a1.pt")
+    torch.save(build("repvgg_a0_mini", **small).state_dict(), d / "a0.pt")
+    torch.save(build("repvgg_a1_mini", **small).state_dict(), d / "a1.pt")
     (d / "trunc.pt").write_bytes((d / "a0.pt").read_bytes()[:1000])
     with open(d / "notweights.pkl", "wb") as f:
         pickle.dump({"epochs": 3, "notes": ["not", "weights"]}, f, protocol=4)
@@ -59,9 +58,9 @@ def art(tmp_path_factory) -> Path:
     (d / "list.yaml").write_text("- epochs\n- 3\n")
     (d / "afile.txt").write_text("a regular file, not a folder\n")
     # a deployed 28x28 network, for evaluating it on the wrong dataset
-    plain = build_model(a0.with_widths([sum(m.tolist()) for m in half]), deploy=True)
+    plain = build_deployed(a0.with_widths([sum(m.tolist()) for m in half]))
     (d / "deployed").mkdir()
-    save_arch(plain.arch, d / "deployed/arch.json")
+    (d / "deployed/arch.json").write_text(json.dumps(plain.arch.to_dict()))
     save_file(plain.state_dict(), str(d / "deployed/model.safetensors"))
     # image folders: a good one with an empty class folder, one with a garbage .png
     rng = np.random.default_rng(0)
@@ -97,8 +96,8 @@ CASES = [
      ["'batch_size'", "must be >= 1", "got 0"]),
     ("override-not-key-value", ["pretrain", *SMALL, "--set", "epochs", *PRETRAIN_OUT],
      ["'epochs'", "KEY=VALUE"]),
-    ("unknown-backbone", ["pretrain", *SMALL, "--set", "backbone=resnet50", *PRETRAIN_OUT],
-     ["'resnet50'", "known models", "repvgg_a0_mini"]),
+    ("unknown-backbone", ["pretrain", *SMALL, "--set", "backbone=vgg16", *PRETRAIN_OUT],
+     ["'vgg16'", "known models", "repvgg_a0_mini", "torchvision:NAME"]),
     ("target-is-full", ["search", *SMALL, "--set", "search.target=100%", "--weights", A("a0.pt"), *SEARCH_OUT],
      ["'100%'", "not below the full network", "allowed range"]),
     ("target-above-full", ["prune", *SMALL, "--set", "search.method=l1", "--set", "search.target=150%",
@@ -244,9 +243,9 @@ def test_debug_shows_the_traceback(art, tmp_path):
 
 def test_state_of_another_run_is_refused_in_one_line(art, tmp_path):
     """A resumable state left by a different backbone at the same output path: one line, not a key dump."""
-    from pas.models import arch_for, build_model
+    from pas.models import build
     (tmp_path / "out").mkdir()
-    model = build_model(arch_for("repvgg_a1_mini", num_classes=10, in_channels=1, resolution=28))
+    model = build("repvgg_a1_mini", num_classes=10, in_channels=1, resolution=28)
     torch.save({"epoch": 1, "model": model.state_dict(), "optimizer": {}, "history": [], "metrics": []},
                tmp_path / "out/.w.pt.state.pt")
     r = _run(["pretrain", *SMALL, *PRETRAIN_OUT], tmp_path)

@@ -74,10 +74,9 @@ def _free_port() -> int:
 
 
 def _net():
-    from pas.models import arch_for, build_model
+    from pas.models import build
     torch.manual_seed(0)
-    arch = arch_for("repvgg_a0_mini", num_classes=10, in_channels=1, resolution=28)
-    return build_model(arch, deploy=True)  # plain convs with bias: no BN, so no batch statistics
+    return build("repvgg_a0_mini", num_classes=10, in_channels=1, resolution=28, deploy=True)  # plain convs with bias: no BN, so no batch statistics
 
 
 def _batch():

@@ -50,11 +50,13 @@ def test_keep_fraction_per_resolution_and_the_early_layers_verdict():
 
 def test_layer_sizes_are_the_resolution_of_every_searchable_layer():
     rep = pas.models.arch_for("repvgg_b0_mini", num_classes=10, in_channels=1, resolution=28)
-    assert rep.searchable_sizes() == rep.feature_sizes() and len(rep.searchable_sizes()) == len(rep.widths)
+    # 28 -> 14 (stem) -> 14 -> 7 -> 4 -> 2, blocks per stage (1, 2, 2, 4, 1)
+    assert rep.searchable_sizes() == [14, 14, 14, 7, 7, 4, 4, 4, 4, 2] and len(rep.widths) == 10
     mb = pas.models.arch_for("mobilenetv2_100", num_classes=1000, in_channels=3, resolution=224)
     sizes = mb.searchable_sizes()
     assert len(sizes) == len(mb.searchable_widths()) == 16  # every block but the first expands
-    assert sizes[0] == 56 and sizes[-1] == 7 and sizes == sorted(sizes, reverse=True)
+    # the side at which each expansion writes its channels (the gate's), before the depth-wise stride
+    assert sizes[0] == 112 and sizes[-1] == 7 and sizes == sorted(sizes, reverse=True)
 
 
 def row(model, method, top1, seed, macs=1e6, backbone="b"):

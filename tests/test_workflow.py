@@ -337,9 +337,12 @@ def test_paper_config_dry_run_needs_no_data(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "config" / "paper.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
-    assert counts["search"] == 6 and counts["finetune"] == 24 and counts["train_scratch"] == 5
+    assert counts["search"] == 7 and counts["finetune"] == 28 and counts["train_scratch"] == 5
     assert "--set dataset.name=imagenet" in result.stdout and "--nproc-per-node 8" in result.stdout
     assert "--import /path/to/RepVGG-B1-train.pth" in result.stdout
+    # the ResNet-50 rows: searched to 2.0 G with the snapshot's ResNet alpha, torchvision's weights
+    assert "--import /path/to/resnet50-0676ba61.pth" in result.stdout
+    assert "--set search.alpha=84.0" in result.stdout and "--set search.target=2.0G" in result.stdout
     # a cluster: jobs write run records only, one local job replays them into MLflow at the end
     assert counts["tracking_ingest"] == 1 and "tracking_init" not in counts
     assert "--set tracking.enabled=false" in result.stdout and "--set tracking.enabled=true" not in result.stdout

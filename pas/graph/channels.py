@@ -129,12 +129,13 @@ class _Tracer(fx.Tracer):
         return callable(getattr(m, "fuse", None)) or super().is_leaf_module(m, qualname)
 
 
-def _where(node: fx.Node) -> str:
+def _where(node: fx.Node, root: str) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         path, cls = list(stack.values())[-1]
-        return f"in module {path or '<root>'} ({getattr(cls, '__name__', cls)})"
-    return "at the top level"
+        if path:
+            return f"in module {path} ({getattr(cls, '__name__', cls)})"
+    return f"in module <root> ({root})"
 
 
 def _op_name(node: fx.Node) -> str:
@@ -168,6 +169,7 @@ class _Analysis:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.modules = dict(gm.named_modules())
+        self.root = type(gm).__name__ if not hasattr(gm, "_pas_root") else gm._pas_root
         self.parent: dict[int, int] = {}
         self.size: dict[int, int] = {}
         self.producer: dict[int, str] = {}
@@ -180,6 +182,9 @@ class _Analysis:
         self.calls: dict[str, int] = {}
         self.site_of: dict[int, str] = {}
         self.layer_of: dict[fx.Node, Layer] = {}
+
+    def where(self, node: fx.Node) -> str:
+        return _where(node, self.root)
 
     # -- union-find over spaces ---------------------------------------------------------------
     def new_space(self, size: int, producer: str, side: int) -> int:
@@ -198,9 +203,9 @@ class _Analysis:
         if sa != sb:
             if sum(sa) == sum(sb):  # e.g. cat([x, y]) + z: tie channel by channel is not expressible
                 for s in a + b:
-                    self.fixed.setdefault(s, f"channels tied across unequal segments {_where(node)}")
+                    self.fixed.setdefault(s, f"channels tied across unequal segments {self.where(node)}")
                 return
-            raise PasError(f"{_op_name(node)} {_where(node)} combines {sum(sa)} and {sum(sb)} channels; "
+            raise PasError(f"{_op_name(node)} {self.where(node)} combines {sum(sa)} and {sum(sb)} channels; "
                            f"expected equal channel counts")
         for x, y in zip(a, b):
             rx, ry = self.find(x), self.find(y)
@@ -219,7 +224,7 @@ class _Analysis:
             if isinstance(a, fx.Node) and a in self.layout:
                 out.append(a)
             elif isinstance(a, fx.Node) and a.op == "get_attr":
-                raise PasError(f"{_op_name(node)} {_where(node)} uses the tensor {a.target!r} directly; the "
+                raise PasError(f"{_op_name(node)} {self.where(node)} uses the tensor {a.target!r} directly; the "
                                f"tracer cannot tell which of its entries belong to which channel")
         return out
 
@@ -341,7 +346,7 @@ class _Analysis:
     def flatten(self, node, src, start_dim: int) -> None:
         shape = self.shape(src)
         if start_dim != 1 or shape is None:
-            raise PasError(f"flatten from dim {start_dim} {_where(node)}: the tracer handles flattening "
+            raise PasError(f"flatten from dim {start_dim} {self.where(node)}: the tracer handles flattening "
                            f"(N, C, H, W) from dim 1")
         self.layout[node] = self.layout[src]
         self.factor[node] = math.prod(shape[2:]) if len(shape) > 2 else self.factor.get(src, 1)
@@ -356,7 +361,7 @@ class _Analysis:
             return
         if t is operator.getitem or (out_shape is None and node.op == "call_function"):
             if t is operator.getitem and self.shape(node) is not None:
-                raise PasError(f"indexing a tensor {_where(node)} selects channels the tracer cannot follow")
+                raise PasError(f"indexing a tensor {self.where(node)} selects channels the tracer cannot follow")
             return
         src = tensors[0]
         if t in _PASS_FUNCTIONS or (node.op == "call_method" and t in _PASS_METHODS):
@@ -386,13 +391,13 @@ class _Analysis:
                     and out_shape[1] == math.prod(in_shape[1:]):
                 self.flatten(node, src, 1)
             else:
-                raise PasError(f"{_op_name(node)} {_where(node)} reshapes {in_shape} to {out_shape}, which "
+                raise PasError(f"{_op_name(node)} {self.where(node)} reshapes {in_shape} to {out_shape}, which "
                                f"moves channels; the tracer only follows a flatten to (N, C*H*W)")
         elif (t is torch.mean or (node.op == "call_method" and t == "mean")) and out_shape is not None \
                 and len(out_shape) >= 2 and out_shape[1] == (self.shape(src) or (0, 0))[1]:
             self.layout[node] = self.layout[src]
         else:
-            raise PasError(f"{_op_name(node)} {_where(node)} has no known channel semantics; the tracer "
+            raise PasError(f"{_op_name(node)} {self.where(node)} has no known channel semantics; the tracer "
                            f"handles element-wise arithmetic, cat, flatten, activations and pooling")
 
     # -- result ---------------------------------------------------------------------------------
@@ -456,6 +461,7 @@ def channel_graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGrap
     for m in meta.modules():  # gates of a gated model: a traced graph must not see them
         m._forward_hooks.clear()
     gm = trace(meta)
+    gm._pas_root = type(model).__name__
     x = torch.zeros((2, *input_shape), device="meta")
     try:
         ShapeProp(gm).propagate(x)

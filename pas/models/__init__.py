@@ -138,15 +138,23 @@ def _torchvision(arch: str, *, num_classes: int, in_channels: int) -> nn.Module:
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise PasError(f"torchvision has no classification model {arch!r}; expected one of "
                        f"torchvision.models.list_models(), e.g. resnet50, mobilenet_v3_small, efficientnet_b0")
-    if in_channels != 3:
-        raise PasError(f"torchvision:{arch} takes 3 input channels, got in_channels {in_channels}; expected a "
-                       f"3-channel dataset (set dataset.in_channels: 3)")
     kwargs = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    if in_channels != 3:  # torchvision's networks take RGB: the stem conv is rebuilt for the input
+        name, stem = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        new = nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
+                        stem.dilation, 1, stem.bias is not None, stem.padding_mode)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
 
 
 def _user(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
+    import os
+    import sys
     module, fn = spec.split(":")
+    if os.getcwd() not in sys.path:  # the `pas` command does not put the working directory on the path
+        sys.path.insert(0, os.getcwd())
     try:
         builder = getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
@@ -160,7 +168,10 @@ def _user(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
 
 @lru_cache(maxsize=64)
 def _graph(name: str, num_classes: int, in_channels: int, resolution: int):
-    with torch.device("meta"):
+    # our own builders run on the meta device (no weights allocated); others may compute with
+    # tensors while building (torchvision's RegNet does), so they are built for real
+    device = "meta" if name in REGISTRY else "cpu"
+    with torch.device(device):
         model = _construct(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution)
     return channel_graph(model, (in_channels, resolution, resolution)), _policy(model)
 
@@ -185,8 +196,13 @@ def arch_for(name: str, *, num_classes: int = 1000, in_channels: int = 3, resolu
                    in_channels=in_channels, num_classes=num_classes, resolution=resolution)
 
 
-def build(name: str, *, num_classes: int = 1000, in_channels: int = 3, resolution: int = 224) -> nn.Module:
-    """The training-form network, with `.arch` (its Network) attached."""
+def build(name: str, *, num_classes: int = 1000, in_channels: int = 3, resolution: int = 224,
+          deploy: bool = False) -> nn.Module:
+    """The training-form network, with `.arch` (its Network) attached; `deploy=True`: the plain
+    deployed form at full width (fused blocks, BN folded), e.g. to load deploy-form weights."""
+    if deploy:
+        return build_deployed(arch_for(name, num_classes=num_classes, in_channels=in_channels,
+                                       resolution=resolution))
     model = _construct(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution)
     model.arch = arch_for(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution)
     return model

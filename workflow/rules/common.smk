@@ -179,6 +179,7 @@ def pretrain_import(wildcards):
 def search_flags(wildcards):
     v, s = variants()[wildcards.model], config["search"]
     search = {k: s[k] for k in ("alpha", "min_channels", "tolerance", "history_every")}
+    search["alpha"] = v.get("alpha", search["alpha"])
     return set_flags({**common_slice(v["backbone"], tags_for("pas", wildcards.model, wildcards.seed)),
                       **training_slice("search"), "search": {**search, "target": v["target"]}})
 
