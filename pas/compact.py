@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pas.errors import PasError
-from pas.gates import detach_gates, has_gates, masks, network_of
+from pas.gates import _device_of, detach_gates, has_gates, masks, network_of
 from pas.graph.channels import ChannelGraph, Layer, channel_graph
 from pas.graph.network import Network
 from pas.reparam import fold_bn, fused_conv, reparameterize
@@ -150,7 +150,3 @@ def _shrunk_norm(old: nn.Module, keep: torch.Tensor) -> nn.Module:
             setattr(new, attr, n)
     return new
 
-
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")

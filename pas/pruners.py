@@ -23,20 +23,20 @@ def _producers(model: nn.Module):
 
 
 def bn_gamma_scores(model: nn.Module) -> list[torch.Tensor]:
-    """Per channel of every searched group: the sum of |gamma| of the BN that scales each of its
-    producers' outputs (a RepVGG block: its 3x3 and 1x1 branch BNs; a conv: the BN after it)."""
+    """Per channel of every searched group: the sum of |gamma| of the BNs that scale its producers'
+    outputs (a RepVGG block: its 3x3 and 1x1 branch BNs; a conv: the BN after it). A group without
+    any BN (a squeeze-excitation bottleneck) has nothing to rank: it scores +inf and stays whole."""
     scores = []
-    for producers in _producers(model):
-        total = 0
+    for group, producers in zip(network_of(model).groups(), _producers(model)):
+        bns = []
         for producer, site in producers:
-            bns = producer.output_bns() if callable(getattr(producer, "output_bns", None)) else \
+            bns += producer.output_bns() if callable(getattr(producer, "output_bns", None)) else \
                 [site] if isinstance(site, nn.modules.batchnorm._BatchNorm) else []
-            if not bns:
-                raise PasError(f"BN-gamma scores need a BN after every conv; {type(producer).__name__} has none "
-                               f"(use the training form, or the l1 or uniform baseline)")
-            for bn in bns:
-                total = total + bn.weight.detach().abs()
-        scores.append(total.cpu())
+        scores.append(sum(bn.weight.detach().abs() for bn in bns).cpu() if bns
+                      else torch.full((group.size,), float("inf")))
+    if all(torch.isinf(s).all() for s in scores):
+        raise PasError("BN-gamma scores need BNs after the convs, and this network has none (a deployed or "
+                       "BN-free network); use the l1 or uniform baseline")
     return scores
 
 

@@ -272,3 +272,33 @@ def test_torchvision_mobilenetv2_weights_load_into_ours(tmp_path):
         assert rel_err(theirs(x), ours.eval()(x)) <= 1e-6
     with pytest.raises(PasError, match="holds torchvision MobileNetV2 weights but the model is a RepVGG"):
         load_checkpoint(tmp_path / "mbv2.pth", M.build("repvgg_a0", num_classes=10))
+
+
+@pytest.mark.parametrize("method", ["uniform", "bn_gamma", "l1"])
+@pytest.mark.parametrize("name,kw", [("resnet26_mini", SMALL), ("torchvision:mobilenet_v3_small",
+                                                                {"in_channels": 3, "resolution": 32, "num_classes": 10})])
+def test_baselines_work_per_group_on_any_network(method, name, kw):
+    from pas.pruners import prune
+    from pas.search import resolve_target
+    model = randomize_bn(M.build(name, **kw)).eval()
+    target = resolve_target("45%", model.arch)
+    masks = prune(method, model, target)
+    widths = [int(m.sum()) for m in masks]
+    assert target * 0.99 <= model.arch.macs(widths) <= target
+    assert [m.numel() for m in masks] == model.arch.full_widths()
+    set_masks(model, masks)
+    x = torch.randn(2, kw["in_channels"], kw["resolution"], kw["resolution"])
+    with torch.no_grad():
+        assert rel_err(model(x), compact(model).eval()(x)) <= 1e-5
+
+
+def test_l1_score_of_a_trunk_sums_its_producers_with_bn_folded():
+    from pas.pruners import bn_gamma_scores, l1_scores
+    model = randomize_bn(M.build("resnet10_mini", **SMALL)).eval()
+    trunk = 0  # conv1 (stem) and layer1.0.conv2 share the trunk of stage 1
+    scale = lambda bn: bn.weight / torch.sqrt(bn.running_var + bn.eps)  # noqa: E731
+    expected = sum((conv.weight.abs().flatten(1).sum(1) * scale(bn).abs())
+                   for conv, bn in ((model.conv1, model.bn1), (model.layer1[0].conv2, model.layer1[0].bn2)))
+    torch.testing.assert_close(l1_scores(model)[trunk], expected.detach())
+    torch.testing.assert_close(bn_gamma_scores(model)[trunk],
+                               (model.bn1.weight.abs() + model.layer1[0].bn2.weight.abs()).detach())
