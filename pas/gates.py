@@ -77,6 +77,29 @@ def _apply_mask(module, args, output):
     return output * m.view(1, -1, *([1] * (output.dim() - 2)))
 
 
+def _masked_norm_forward(self, x):
+    """BN(x) * b computed as BN with gamma * b and beta * b: the same values and gradients (the
+    mask's gradient comes out of BN's own reductions for gamma and beta), without another pass over
+    the activations. The base class's forward runs unchanged (BatchNorm2d, SyncBatchNorm, ...)."""
+    weight, bias = self._parameters["weight"], self._parameters["bias"]
+    m = self._pas_mask.mask(weight)
+    self._parameters["weight"], self._parameters["bias"] = weight * m, bias * m
+    try:
+        return self._pas_base.forward(self, x)
+    finally:
+        self._parameters["weight"], self._parameters["bias"] = weight, bias
+
+
+_MASKED_NORMS: dict[type, type] = {}
+
+
+def _masked_norm_class(cls: type) -> type:
+    if cls not in _MASKED_NORMS:  # same module name: torch.fx still sees a torch.nn leaf
+        _MASKED_NORMS[cls] = type(f"Gated{cls.__name__}", (cls,), {
+            "forward": _masked_norm_forward, "_pas_base": cls, "__module__": cls.__module__})
+    return _MASKED_NORMS[cls]
+
+
 def attach_gates(model: nn.Module, *, min_channels: int = 1) -> list[DBCGate]:
     """One fresh DBC gate (all channels on) per searched channel group, applied by a forward hook at
     every module whose output carries the group's channels (a conv's BN, a fused block, ...)."""
@@ -92,7 +115,10 @@ def attach_gates(model: nn.Module, *, min_channels: int = 1) -> list[DBCGate]:
             continue
         site = model.get_submodule(point.module)
         site._pas_mask = _MaskSpec(parts)
-        site._pas_hook = site.register_forward_hook(_apply_mask)
+        if isinstance(site, nn.modules.batchnorm._BatchNorm) and site.affine:
+            site.__class__ = _masked_norm_class(type(site))
+        else:
+            site._pas_hook = site.register_forward_hook(_apply_mask)
     return list(gates)
 
 
@@ -111,7 +137,10 @@ def detach_gates(model: nn.Module) -> None:
     for m in model.modules():
         if "_pas_hook" in m.__dict__:
             m._pas_hook.remove()
-            del m.__dict__["_pas_hook"], m.__dict__["_pas_mask"]
+            del m.__dict__["_pas_hook"]
+        if "_pas_base" in type(m).__dict__:
+            m.__class__ = type(m)._pas_base
+        m.__dict__.pop("_pas_mask", None)
     if GATES_ATTR in model._modules:
         del model._modules[GATES_ATTR]
 

@@ -25,6 +25,8 @@ NETWORKS = {  # every network the issue lists, at a size that keeps the test sho
     "resnet10_mini": SMALL, "resnet18_mini": SMALL, "resnet26_mini": SMALL,
     "torchvision:resnet50": RGB64, "torchvision:mobilenet_v3_small": RGB64,
     "torchvision:efficientnet_b0": RGB64, "torchvision:regnet_y_400mf": RGB64,
+    # concatenations: DenseNet (with pre-activation BNs on the concatenated features), GoogLeNet
+    "torchvision:densenet121": RGB64, "torchvision:googlenet": RGB64,
 }
 DATA = "tests/data/family_regression"
 
@@ -302,3 +304,33 @@ def test_l1_score_of_a_trunk_sums_its_producers_with_bn_folded():
     torch.testing.assert_close(l1_scores(model)[trunk], expected.detach())
     torch.testing.assert_close(bn_gamma_scores(model)[trunk],
                                (model.bn1.weight.abs() + model.layer1[0].bn2.weight.abs()).detach())
+
+
+def test_a_gated_bn_equals_bn_times_mask_in_values_gradients_and_statistics():
+    """A gate on a BN output is applied as gamma*b, beta*b (no extra pass over the activations):
+    compared with the plain product BN(x) * b, in training mode."""
+    import copy
+    model = M.build("resnet10_mini", **SMALL).train()
+    gates = attach_gates(model)
+    with torch.no_grad():
+        gates[1].weight.copy_(torch.tensor([1.0, 0.2, 0.9, 0.1, 0.7, 0.3, 0.8, 0.6]))
+    bn = model.layer1[0].bn1
+    assert type(bn).__name__ == "GatedBatchNorm2d" and isinstance(bn, nn.BatchNorm2d)
+    plain = copy.deepcopy(bn)
+    plain.__class__ = nn.BatchNorm2d
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(4, 8, 6, 6)
+    (bn(x) * g).sum().backward()
+    mask = gates[1].mask().detach()
+    (plain(x2) * mask.view(1, -1, 1, 1) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(bn.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(bn.running_mean, plain.running_mean)
+    grad_gate = gates[1].weight.grad.clone()
+    gates[1].weight.grad = None
+    (plain(x2) * gates[1].mask().view(1, -1, 1, 1) * g).sum().backward()
+    torch.testing.assert_close(grad_gate, gates[1].weight.grad)
+    from pas.gates import detach_gates
+    detach_gates(model)
+    assert type(bn) is nn.BatchNorm2d and "_pas_mask" not in bn.__dict__

@@ -271,6 +271,8 @@ class _Analysis:
                 self.layers.append(Layer(name, "norm", lay, lay, in_channels=module.num_features,
                                          out_channels=module.num_features, folded=folded,
                                          bias=getattr(module, "weight", None) is not None))
+            if not folded:  # a norm on a sum or a concatenation (DenseNet's pre-activation) turns a
+                self.sites.setdefault(name, lay)  # masked zero into its shift: mask after it too
         elif isinstance(module, nn.GroupNorm):
             lay = self.layout[args[0]]
             for s in lay:
@@ -458,8 +460,10 @@ def channel_graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGrap
     `input_shape` is one example input's shape without the batch, e.g. (3, 224, 224).
     """
     meta = copy.deepcopy(model).to("meta").eval()
-    for m in meta.modules():  # gates of a gated model: a traced graph must not see them
+    for m in meta.modules():  # gates of a gated model (pas.gates): a traced graph must not see them
         m._forward_hooks.clear()
+        if "_pas_base" in type(m).__dict__:
+            m.__class__ = type(m)._pas_base
     gm = trace(meta)
     gm._pas_root = type(model).__name__
     x = torch.zeros((2, *input_shape), device="meta")
