@@ -66,6 +66,7 @@ _HEADS = {"official": {"linear.weight": "fc.weight", "linear.bias": "fc.bias"},
 _PAS_KEY = re.compile(r"^(blocks\.\d+\.|fc\.(weight|bias)$)")
 _PAS_DEPLOY = re.compile(r"^blocks\.\d+\.conv\.(weight|bias)$")
 _PAS_TRAIN = re.compile(r"^blocks\.\d+\.rbr_")
+_TV_BLOCK = re.compile(r"^features\.\d+\.conv\.")  # torchvision's MobileNetV2 inverted residuals
 _REPVGGPLUS = re.compile(r"^stage\d+_(first|second|aux)")
 
 
@@ -93,7 +94,7 @@ def detect_format(state_dict: Mapping) -> str:
         found.append("timm")
     if any(_PAS_KEY.match(k) for k in keys):
         found.append("pas")
-    if any(k.startswith("features.") for k in keys) and any(k.startswith("classifier.") for k in keys):
+    if any(_TV_BLOCK.match(k) for k in keys) and any(k.startswith("classifier.") for k in keys):
         found.append("torchvision")
     if any(_REPVGGPLUS.match(k) for k in keys):
         raise PasError(f"RepVGGplus checkpoint (key {next(k for k in keys if _REPVGGPLUS.match(k))!r}) "

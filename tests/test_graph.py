@@ -334,3 +334,16 @@ def test_a_gated_bn_equals_bn_times_mask_in_values_gradients_and_statistics():
     from pas.gates import detach_gates
     detach_gates(model)
     assert type(bn) is nn.BatchNorm2d and "_pas_mask" not in bn.__dict__
+
+
+def test_a_seeded_build_does_not_depend_on_the_graph_cache():
+    """Tracing (reading a fused block builds a conv, whose init draws random numbers) must not move
+    the seeded stream: the weights drawn after a build are the same whether its graph was cached."""
+    M._graph.cache_clear()  # noqa: SLF001
+    runs = []
+    for _ in range(2):  # first: traces the graph; second: cached
+        torch.manual_seed(0)
+        model = M.build("repvgg_a0_mini", **SMALL)
+        runs.append((model.state_dict(), torch.rand(4)))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0].values(), runs[1][0].values()))
+    assert torch.equal(runs[0][1], runs[1][1])

@@ -457,8 +457,14 @@ def _flat(args, kwargs):
 def channel_graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGraph:
     """Trace `model` on the meta device and find its channel groups.
 
-    `input_shape` is one example input's shape without the batch, e.g. (3, 224, 224).
+    `input_shape` is one example input's shape without the batch, e.g. (3, 224, 224). The global
+    random state is left untouched (reading a fused block builds a conv, whose init draws from it).
     """
+    with torch.random.fork_rng(devices=[]):
+        return _channel_graph(model, input_shape)
+
+
+def _channel_graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGraph:
     meta = copy.deepcopy(model).to("meta").eval()
     for m in meta.modules():  # gates of a gated model (pas.gates): a traced graph must not see them
         m._forward_hooks.clear()

@@ -171,9 +171,12 @@ def _graph(name: str, num_classes: int, in_channels: int, resolution: int):
     # our own builders run on the meta device (no weights allocated); others may compute with
     # tensors while building (torchvision's RegNet does), so they are built for real
     device = "meta" if name in REGISTRY else "cpu"
-    with torch.device(device):
-        model = _construct(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution)
-    return channel_graph(model, (in_channels, resolution, resolution)), _policy(model)
+    # the random state is left as it was: a seeded build gives the same weights whether or not
+    # this graph was cached (initialisers draw from it even on the meta device)
+    with torch.random.fork_rng(devices=[]):
+        with torch.device(device):
+            model = _construct(name, num_classes=num_classes, in_channels=in_channels, resolution=resolution)
+        return channel_graph(model, (in_channels, resolution, resolution)), _policy(model)
 
 
 def _policy(model: nn.Module):
