@@ -81,17 +81,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def structure_for(net: Network, widths) -> dict[int, torch.Tensor]:
-    """Masks that keep the first `widths[i]` channels of every searched group (a deployed network's
-    shape, before its weights are loaded)."""
-    out = {}
-    for gi, w in zip(net.searched, widths):
-        m = torch.zeros(net.graph.groups[gi].size, dtype=torch.bool)
-        m[:w] = True
-        out[gi] = m
-    return out
-
-
 def _keep_per_group(net: Network, fused: ChannelGraph, keep: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """Masks per group of the fused graph: prunable groups of both forms match in order and size."""
     trained, deployed = net.graph.prunable(), fused.prunable()

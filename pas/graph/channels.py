@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -179,7 +180,8 @@ class _Analysis:
         self.factor: dict[fx.Node, int] = {}
         self.layers: list[Layer] = []
         self.sites: dict[str, tuple[int, ...]] = {}
-        self.calls: dict[str, int] = {}
+        # how often each module is called: a gate site must be called once
+        self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.site_of: dict[int, str] = {}
         self.layer_of: dict[fx.Node, Layer] = {}
 
@@ -254,7 +256,6 @@ class _Analysis:
     def call_module(self, node: fx.Node) -> None:
         name = node.target
         module = self.modules[name]
-        self.calls[name] = self.calls.get(name, 0) + 1
         args = [a for a in _flat(node.args, node.kwargs) if isinstance(a, fx.Node) and a in self.layout]
         if callable(getattr(module, "fuse", None)):
             self.conv(node, name, _fused_view(module), args, site=name)
@@ -293,9 +294,6 @@ class _Analysis:
             raise PasError(f"module {name} ({type(module).__name__}) has no known channel semantics; the "
                            f"tracer handles convs, linear layers, norms, activations, pooling and dropout")
 
-    def calls_of(self, module: str) -> int:
-        return sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == module)
-
     def site_after(self, node: fx.Node, name: str) -> str:
         """Where a gate masks a conv's output: after the BN that follows it, if one does (a masked
         channel must be zero after the affine BN too), else right after the conv."""
@@ -323,7 +321,7 @@ class _Analysis:
             for s in lay + out:
                 self.fixed[s] = f"grouped conv {name} (groups={g})"
         bn = site if site != name and isinstance(self.modules[site], (nn.BatchNorm2d, nn.SyncBatchNorm)) \
-            and self.calls_of(site) == 1 else None
+            and self.calls[site] == 1 else None
         layer = Layer(name, kind, lay, out, bn=bn, **common)
         self.layers.append(layer)
         self.layer_of[node] = layer

@@ -183,14 +183,6 @@ def _policy(model: nn.Module):
     return getattr(model, "pas_searchable", None)
 
 
-def network(model: nn.Module, *, backbone: str, in_channels: int, num_classes: int, resolution: int,
-            graph=None) -> Network:
-    """The searchable view of a built `model` (its channel graph, traced unless given)."""
-    graph = graph or channel_graph(model, (in_channels, resolution, resolution))
-    return Network(graph, searched_groups(graph, _policy(model)), backbone=backbone, family=family_of(backbone),
-                   in_channels=in_channels, num_classes=num_classes, resolution=resolution)
-
-
 def arch_for(name: str, *, num_classes: int = 1000, in_channels: int = 3, resolution: int = 224) -> Network:
     """The searchable view of a network at this input size and class count (no weights allocated)."""
     _check_args(name, num_classes, in_channels, resolution)
