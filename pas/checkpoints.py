@@ -35,6 +35,7 @@ from __future__ import annotations
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -215,6 +216,11 @@ def format_of(state_dict: Mapping, model: nn.Module) -> str:
 
 
 def _to_pas(state_dict: Mapping, model: nn.Module, source: str) -> tuple[dict, dict]:
+    return _convert_checked(state_dict, model, source, check=True)
+
+
+def _convert_checked(state_dict: Mapping, model: nn.Module, source: str, *, check: bool) -> tuple[dict, dict]:
+    """The renamed state dict and each key's original name; with `check`, every shape checked."""
     state_dict = _strip_module_prefix(state_dict)
     fmt = format_of(state_dict, model)
     if fmt == "torchvision":
@@ -223,7 +229,8 @@ def _to_pas(state_dict: Mapping, model: nn.Module, source: str) -> tuple[dict, d
             raise PasError(f"{source} holds torchvision MobileNetV2 weights but the model is a "
                            f"{type(model).__name__}; expected a MobileNetV2 built by pas.models.build")
         converted, origin = _convert(state_dict, fmt, source)
-        _check_shapes(converted, origin, model, source)
+        if check:
+            _check_shapes(converted, origin, model, source)
         return converted, origin
     form, model_form = _checkpoint_form(state_dict, fmt), _model_form(model)
     if fmt != "pas" and model_form is None:
@@ -233,8 +240,37 @@ def _to_pas(state_dict: Mapping, model: nn.Module, source: str) -> tuple[dict, d
         raise PasError(f"{source} holds {form}-form RepVGG weights but the model is in {model_form} form; "
                        f"build it with deploy={form == 'deploy'}")
     converted, origin = _convert(state_dict, fmt, source)
-    _check_shapes(converted, origin, model, source)
+    if check:
+        _check_shapes(converted, origin, model, source)
     return converted, origin
+
+
+def classifier_keys(model: nn.Module) -> tuple[str, ...]:
+    """The parameters of the network's classifier: its last nn.Linear (every registered network and
+    torchvision classifier ends in one), or () if it has none."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        return ()
+    return tuple(f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters(recurse=False))
+
+
+def _class_count_only(converted: dict, model: nn.Module) -> dict | None:
+    """{our key: (checkpoint classes, model classes)} when the classifier's tensors are the ONLY ones
+    whose shape differs, and only in their first dimension (the class count); else None."""
+    expected = model.state_dict()
+    differing = {k for k, v in converted.items() if isinstance(v, torch.Tensor) and k in expected
+                 and tuple(v.shape) != tuple(expected[k].shape)}
+    head = set(classifier_keys(model))
+    if not differing or not differing <= head:
+        return None
+    for key in differing:
+        theirs, ours = converted[key].shape, expected[key].shape
+        if len(theirs) != len(ours) or tuple(theirs[1:]) != tuple(ours[1:]):
+            return None
+    return {k: (int(converted[k].shape[0]), int(expected[k].shape[0])) for k in sorted(differing)}
 
 
 def _check_shapes(converted: dict, origin: dict, model: nn.Module, source: str) -> None:
@@ -308,16 +344,58 @@ def _state_dict_of(obj, path: Path) -> dict:
                    f"'state_dict' or 'model' entry holding one; found keys {_first(obj, 5)}")
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, *, strict: bool = True) -> str:
-    """Load weights from `path` into `model` in place; return the naming scheme that was found."""
+@dataclass(frozen=True)
+class Loaded:
+    """What load_checkpoint did: the naming scheme found, and the classifier it left freshly initialised
+    (None when every tensor was loaded)."""
+
+    format: str
+    new_classifier: str | None = None
+    checkpoint_classes: int | None = None
+    classes: int | None = None
+
+    def message(self, path) -> str:
+        text = f"loaded {path} ({self.format} names)"
+        if self.new_classifier:
+            text += (f"; the classifier {self.new_classifier} is new: the checkpoint has "
+                     f"{self.checkpoint_classes} classes, the data {self.classes}, so it starts from a fresh "
+                     f"initialisation and every other tensor from the checkpoint")
+        return text
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, *, strict: bool = True,
+                    new_classifier: bool = False) -> str:
+    """Load weights from `path` into `model` in place; return the naming scheme that was found.
+    See load_weights for `new_classifier`."""
+    return load_weights(path, model, strict=strict, new_classifier=new_classifier).format
+
+
+def load_weights(path: str | Path, model: nn.Module, *, strict: bool = True,
+                 new_classifier: bool = False) -> Loaded:
+    """Load weights from `path` into `model` in place.
+
+    With `new_classifier`, a checkpoint trained for another number of classes (ImageNet weights on
+    one's own data set) loads too: when the classifier's weight and bias are the only tensors whose
+    shape differs, and only in the class count, they keep the model's own initialisation and every
+    other tensor is loaded. Any other mismatch is an error, as without it."""
     path = Path(path)
     state_dict = _state_dict_of(_read(path), path)
     fmt = format_of(state_dict, model)
-    converted, origin = _to_pas(state_dict, model, f"checkpoint {path}")
+    head = None
+    if new_classifier:
+        converted, origin = _convert_checked(state_dict, model, f"checkpoint {path}", check=False)
+        head = _class_count_only(converted, model)
+        if head:
+            converted = {k: v for k, v in converted.items() if k not in head}
+        _check_shapes(converted, origin, model, f"checkpoint {path}")
+    else:
+        converted, origin = _to_pas(state_dict, model, f"checkpoint {path}")
     expected = model.state_dict()
     if strict:
-        # BatchNorm fills a missing num_batches_tracked itself (older checkpoints lack it).
-        missing = [k for k in expected if k not in converted and not k.endswith("num_batches_tracked")]
+        # BatchNorm fills a missing num_batches_tracked itself (older checkpoints lack it); a new
+        # classifier is missing on purpose.
+        missing = [k for k in expected if k not in converted and not k.endswith("num_batches_tracked")
+                   and not (head and k in head)]
         unexpected = [origin[k] for k in converted if k not in expected]   # in the checkpoint's names
         if missing or unexpected:
             parts = []
@@ -330,4 +408,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, *, strict: bool = True) 
         model.load_state_dict({k: v for k, v in converted.items() if k in expected}, strict=False)
     except RuntimeError as e:
         raise PasError(f"checkpoint {path}: {_one_line(e)}") from None
-    return fmt
+    if not head:
+        return Loaded(fmt)
+    theirs, ours = next(iter(head.values()))
+    return Loaded(fmt, new_classifier=next(iter(head)).rsplit(".", 1)[0], checkpoint_classes=theirs, classes=ours)

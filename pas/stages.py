@@ -78,6 +78,20 @@ def _load_weights(model, path: str) -> None:
     load_checkpoint(path, model)
 
 
+def _import_weights(model, path: str, tracker, world) -> bool:
+    """A checkpoint into the backbone (official/timm/torchvision/our names). One trained for another
+    class count (ImageNet weights on one's own data) loads with a fresh classifier, said in one log
+    line and in MLflow; then the backbone still needs training on this data: True."""
+    from pas.checkpoints import load_weights
+    loaded = load_weights(path, model, new_classifier=True)
+    if world.main:
+        print(f"[pretrain] {loaded.message(path)}", file=sys.stderr, flush=True)
+    tracker.tags({"import.path": str(path), "import.format": loaded.format,
+                  "import.new_classifier": loaded.new_classifier or "",
+                  "import.checkpoint_classes": str(loaded.checkpoint_classes or loaded.classes or "")})
+    return loaded.new_classifier is not None
+
+
 def _progress(cfg) -> bool:
     return sys.stderr.isatty() if cfg["progress"] is None else cfg["progress"]
 
@@ -220,12 +234,15 @@ def pretrain(cfg: dict, *, out_weights: str, out_metrics: str, import_path: str 
     tracker = _tracker(cfg, "pretrain", world, out_metrics)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
+    trained = not import_path
     if import_path:
-        _load_weights(model, import_path)
+        trained = _import_weights(model, import_path, tracker, world)
+    if trained:
+        rows = _trainer(cfg, model, "pretrain", tracker, state, train_loader, val_loader, world,
+                        inputs=(import_path,)).fit()
+    else:
         from pas.engine import evaluate
         rows = [evaluate(model, val_loader, world.device)]
-    else:
-        rows = _trainer(cfg, model, "pretrain", tracker, state, train_loader, val_loader, world).fit()
     metrics = _training_metrics(cfg, "pretrain", rows, t0, macs=int(model.arch.macs()))
     if world.main:
         _finish_training(tracker, out_weights, model, out_metrics, metrics, state)

@@ -88,6 +88,14 @@ class Tracker:
         if self.enabled:
             _log_metrics(self.client, self.run_id, rows, step or 0)
 
+    def tags(self, values: dict) -> None:
+        """Tags set during the run (e.g. what a checkpoint import did)."""
+        values = {k: str(v) for k, v in values.items()}
+        self.record["tags"].update(values)
+        if self.enabled:
+            for key, value in values.items():
+                self.client.set_tag(self.run_id, key, value)
+
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if not Path(path).exists():
             return
