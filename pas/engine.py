@@ -145,6 +145,8 @@ class Trainer:
                 return False
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):  # AMP's loss scale, as it had adapted (empty when AMP was off)
+                self.scaler.load_state_dict(state["scaler"])
             start, history, metrics = int(state["epoch"]), list(state["history"]), list(state["metrics"])
         except Exception as e:  # a state file we cannot use is not a reason to lose the run
             reason = " ".join(str(e).split())  # load_state_dict lists every key over several lines
@@ -160,7 +162,8 @@ class Trainer:
     def save_state(self, epoch: int) -> None:
         if self.state_path and self.world.main:
             atomic_torch_save({"epoch": epoch, "fingerprint": self.fingerprint, "model": self.model.state_dict(),
-                               "optimizer": self.optimizer.state_dict(), "history": self.history,
+                               "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                               "history": self.history,
                                "metrics": self.metrics}, self.state_path)
 
     # -- the loop ------------------------------------------------------------------------------

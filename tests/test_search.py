@@ -209,3 +209,26 @@ def test_landing_swaps_channels_when_only_expensive_ones_were_dropped():
     masks = adjust_masks(arch, everything, scores, target)
     macs = arch.macs([int(m.sum()) for m in masks])
     assert 0.99 * target <= macs <= target
+
+
+def test_amp_loss_scale_survives_a_resume(tmp_path):
+    """The state file carries the GradScaler's adapted scale and growth tracker: a resumed AMP run
+    does not restart at 65536 and skip steps to find it again. (AMP runs on CUDA only; the scaler's
+    state is device-independent, so a CPU scaler stands in for it here.)"""
+    from pas.engine import OptimConfig, Trainer
+    model = M.build("repvgg_a0_mini", **SMALL)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+
+    def trainer(epochs):
+        t = Trainer(model, train_loader=lambda epoch: [(x, y)], epochs=epochs, optim=OptimConfig(lr=0.01),
+                    state_path=tmp_path / "state.pt")
+        t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=1)
+        return t
+
+    first = trainer(3)
+    first.fit()
+    assert first.scaler.get_scale() == 2.0 ** 19  # grown once per finite step: 3 steps
+    resumed = trainer(3)
+    assert resumed.load_state() and resumed.start_epoch == 3
+    assert resumed.scaler.get_scale() == 2.0 ** 19
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
