@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -51,15 +52,12 @@ _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 _NON_TENSOR_METHODS = {"size", "dim"}
 
 
-def _register_torchvision_passes() -> None:
-    try:  # torchvision's stochastic depth is an fx-wrapped function: identity at eval time
-        from torchvision.ops import stochastic_depth
-        _PASS_FUNCTIONS.add(stochastic_depth)
-    except ImportError:
-        pass
-
-
-_register_torchvision_passes()
+def _pass_functions() -> set:
+    """_PASS_FUNCTIONS, plus torchvision's stochastic depth (an fx-wrapped function, identity at eval
+    time) when torchvision's ops are loaded: a network that calls it has imported them, and importing
+    them for every other network would cost seconds per process (torch._dynamo)."""
+    ops = sys.modules.get("torchvision.ops")
+    return _PASS_FUNCTIONS | {ops.stochastic_depth} if ops is not None else _PASS_FUNCTIONS
 
 
 @dataclass
@@ -364,7 +362,7 @@ class _Analysis:
                 raise PasError(f"indexing a tensor {self.where(node)} selects channels the tracer cannot follow")
             return
         src = tensors[0]
-        if t in _PASS_FUNCTIONS or (node.op == "call_method" and t in _PASS_METHODS):
+        if t in _pass_functions() or (node.op == "call_method" and t in _PASS_METHODS):
             self.layout[node], self.factor[node] = self.layout[src], self.factor.get(src, 1)
         elif t in _ELEMENTWISE or (node.op == "call_method" and t in _ELEMENTWISE_METHODS):
             channels = out_shape[1] if out_shape and len(out_shape) >= 2 else None

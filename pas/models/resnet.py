@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
-BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+def _block(kind: str) -> type[nn.Module]:
+    # Imported on first use: `import torchvision` costs seconds (it loads torch._dynamo), paid by
+    # every short job otherwise.
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    return {"basic": BasicBlock, "bottleneck": Bottleneck}[kind]
 
 
 class ResNet(nn.Module):
@@ -23,7 +27,7 @@ class ResNet(nn.Module):
                  stem_width: int, stem: str = "imagenet", stem_stride: int = 2,
                  stage_strides: tuple[int, ...] = (1, 2, 2, 2), in_channels: int = 3, num_classes: int = 1000):
         super().__init__()
-        cls = BLOCKS[block]
+        cls = _block(block)
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, stem_width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
