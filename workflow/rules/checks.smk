@@ -96,8 +96,8 @@ def check_config(cfg):
         if name in scratch[:i]:
             config_error(f"references.scratch[{i}]", f"{name!r} is listed more than once")
     searched = {v["backbone"] for v in cfg["variants"]}
-    for backbone in cfg["pretrain"]["weights"]:
-        if backbone not in searched:
+    for backbone, path in cfg["pretrain"]["weights"].items():
+        if path is not None and backbone not in searched:  # null: no checkpoint (an override can say so)
             config_error(f"pretrain.weights.{backbone}", f"no variant uses backbone {backbone!r}")
 
 
