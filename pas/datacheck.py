@@ -21,8 +21,8 @@ What is checked, per file (exactly the files ``torchvision.datasets.ImageFolder`
 
 Not checked: whether a decodable image shows what its class says, or damage the decoder does
 not notice (flipped bits inside a JPEG scan decode to wrong pixels without an error). Measured on
-generated 500x375 JPEGs (README, "Data loading"): ``verify()`` alone is ~30x faster than the check
-but misses truncation; the check is ~2x faster than a full decode.
+generated 500x375 JPEGs (``benchmarks/data_loader.py``; README, "Data loading"): 899 images per CPU
+second, against 24,576 for ``verify()`` alone (which misses truncation) and 553 for a full decode.
 """
 from __future__ import annotations
 

@@ -122,7 +122,8 @@ def test_skip_exits_zero_and_training_data_drops_exactly_those(folder, tmp_path)
 
 def test_a_training_stage_skips_with_one_log_line(folder, tmp_path):
     root, counts = folder
-    assert _run(["check-data", *_flags(root, "skip"), "--out", "check.json"], tmp_path).returncode == 0
+    r = _run(["check-data", *_flags(root, "skip"), "--out", "check.json", "--progress"], tmp_path)
+    assert r.returncode == 0 and "check-data: 100%" in r.stderr  # --progress: a bar even without a terminal
     r = _run(["pretrain", *_flags(root, "skip"), "--set", "dataset.bad_images_report=check.json",
               "--set", "dataset.resize=16", "--set", "backbone=repvgg_a0_mini", "--set", "epochs=1",
               "--set", "batch_size=8", "--set", "threads=1", "--set", "tracking.enabled=false",
