@@ -28,6 +28,7 @@ check_config(config)  # backbones, MACs targets, duplicate names
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/baselines.smk"
 include: "workflow/rules/reports.smk"

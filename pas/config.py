@@ -36,6 +36,9 @@ SCHEMA: dict = {
         "in_channels": ((int, type(None)), None, "force 1 (grayscale) or 3 (RGB) for image folders"),
         "max_train": ((int, type(None)), None, "stratified subset of the training split (tests)"),
         "max_val": ((int, type(None)), None, "stratified subset of the validation split (tests)"),
+        "bad_images": (str, "stop", "stop | skip: unreadable images (pas check-data) stop the check, or are "
+                                    "dropped from image folders by the training stages"),
+        "bad_images_report": ((str, type(None)), None, "the pas check-data report whose files `skip` drops"),
     },
     "optim": {
         "lr": (float, 0.1, "initial learning rate"),

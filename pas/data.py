@@ -77,6 +77,7 @@ class DataInfo:
     mean: tuple[float, ...] = ()       # per-channel normalisation applied to both splits
     std: tuple[float, ...] = ()
     duplicates_removed: int = 0        # exact byte-duplicate images dropped before the split
+    skipped: int = 0                   # unreadable image files dropped (load_data's `exclude`)
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -352,6 +353,20 @@ def _check_image_root(name: str, root) -> tuple[Path, list[str]]:
     return root, found["train"]
 
 
+def _drop_files(dataset, root: Path, exclude: frozenset[str]) -> int:
+    """Remove the samples whose path relative to ``root`` is in ``exclude``; how many were removed."""
+    if not exclude:
+        return 0
+    keep = [(p, t) for p, t in dataset.samples if os.path.relpath(p, root) not in exclude]
+    removed = len(dataset.samples) - len(keep)
+    dataset.samples = dataset.imgs = keep
+    dataset.targets = [t for _, t in keep]
+    if not keep:
+        raise PasError(f"every image of {dataset.root} is listed as unreadable: expected at least one readable "
+                       "image per split")
+    return removed
+
+
 def _subsets(train, val, max_train, max_val, seed):
     from torch.utils.data import Subset
     if max_train is not None and max_train < len(train):
@@ -361,7 +376,7 @@ def _subsets(train, val, max_train, max_val, seed):
     return train, val
 
 
-def _load_imagenet(root, *, resize, augment, in_channels):
+def _load_imagenet(root, *, resize, augment, in_channels, exclude):
     from torchvision import datasets, transforms as T
     root, classes = _check_image_root("imagenet", root)
     r = resize or 224
@@ -372,10 +387,11 @@ def _load_imagenet(root, *, resize, augment, in_channels):
     loader = _ImageLoader("RGB")
     train = datasets.ImageFolder(str(root / "train"), transform=train_tf, loader=loader)
     val = datasets.ImageFolder(str(root / "val"), transform=val_tf, loader=loader)
-    return train, val, classes, 3, r, IMAGENET_MEAN, IMAGENET_STD
+    skipped = _drop_files(train, root, exclude) + _drop_files(val, root, exclude)
+    return train, val, classes, 3, r, IMAGENET_MEAN, IMAGENET_STD, skipped
 
 
-def _load_folder(root, *, resize, augment, in_channels):
+def _load_folder(root, *, resize, augment, in_channels, exclude):
     from torchvision import datasets, transforms as T
     root, classes = _check_image_root("folder", root)
     c = 3 if in_channels is None else in_channels
@@ -383,6 +399,7 @@ def _load_folder(root, *, resize, augment, in_channels):
         raise PasError(f"in_channels {in_channels!r} is not supported for 'folder': expected 1 (grayscale) or 3 (RGB)")
     loader = _ImageLoader("L" if c == 1 else "RGB")
     train_raw = datasets.ImageFolder(str(root / "train"), loader=loader)
+    _drop_files(train_raw, root, exclude)
     if resize is None:
         path = train_raw.samples[0][0]
         w, h = loader(path).size
@@ -397,7 +414,8 @@ def _load_folder(root, *, resize, augment, in_channels):
     val_tf = T.Compose(base + tail)
     train = datasets.ImageFolder(str(root / "train"), transform=train_tf, loader=loader)
     val = datasets.ImageFolder(str(root / "val"), transform=val_tf, loader=loader)
-    return train, val, classes, c, resize, mean, std
+    skipped = _drop_files(train, root, exclude) + _drop_files(val, root, exclude)
+    return train, val, classes, c, resize, mean, std, skipped
 
 
 def _load_cifar(name, root, *, resize, augment, in_channels):
@@ -415,14 +433,14 @@ def _load_cifar(name, root, *, resize, augment, in_channels):
     except RuntimeError:
         raise PasError(f"{name} not found under {root}: expected {root / cls.base_folder} holding the "
                        "python-version batches, intact (nothing is downloaded)") from None
-    return train, val, list(train.classes), 3, r, mean, std
+    return train, val, list(train.classes), 3, r, mean, std, 0
 
 
 # ----------------------------------------------------------------------------- entry point
 
 def load_data(name: str, *, root: str | None = None, val_fraction: float = 0.2, seed: int = 0,
               resize: int | None = None, augment: bool = True, max_train: int | None = None,
-              max_val: int | None = None, in_channels: int | None = None):
+              max_val: int | None = None, in_channels: int | None = None, exclude=()):
     """Return ``(train, val, info)`` for dataset ``name`` (one of :data:`DATASETS`).
 
     ``root`` is the data folder of cifar10/cifar100/imagenet/folder (ignored by the embedded
@@ -431,7 +449,9 @@ def load_data(name: str, *, root: str | None = None, val_fraction: float = 0.2, 
     turns off train augmentation (val is never augmented); ``max_train``/``max_val`` take
     deterministic stratified subsets after the split; ``in_channels`` is the channel count
     a ``folder`` dataset is converted to (default 3) and, for the other datasets, must match
-    theirs if given.
+    theirs if given.  ``exclude`` (imagenet, folder): files to drop, as paths relative to ``root``
+    (``train/cls/x.jpg``), e.g. the unreadable files a ``pas check-data`` report lists
+    (:func:`pas.datacheck.report_exclusions`); ``info.skipped`` says how many were dropped.
     """
     key = str(name).lower().replace("-", "_")
     if key not in DATASETS:
@@ -456,17 +476,18 @@ def load_data(name: str, *, root: str | None = None, val_fraction: float = 0.2, 
         labels = bunch.target.astype(np.int64)
         return _in_memory(key, images, 16.0, labels, [str(t) for t in bunch.target_names], flip=False, **common)
 
+    exclude = frozenset(os.path.normpath(p) for p in exclude)
     if key in ("cifar10", "cifar100"):
         out = _load_cifar(key, root, resize=resize, augment=augment, in_channels=in_channels)
     elif key == "imagenet":
-        out = _load_imagenet(root, resize=resize, augment=augment, in_channels=in_channels)
+        out = _load_imagenet(root, resize=resize, augment=augment, in_channels=in_channels, exclude=exclude)
     else:
-        out = _load_folder(root, resize=resize, augment=augment, in_channels=in_channels)
-    train, val, classes, channels, resolution, mean, std = out
+        out = _load_folder(root, resize=resize, augment=augment, in_channels=in_channels, exclude=exclude)
+    train, val, classes, channels, resolution, mean, std, skipped = out
     train, val = _subsets(train, val, max_train, max_val, seed)
     info = DataInfo(name=key, in_channels=channels, num_classes=len(classes), resolution=int(resolution),
                     train_size=len(train), val_size=len(val), classes=list(classes),
-                    mean=tuple(mean), std=tuple(std))
+                    mean=tuple(mean), std=tuple(std), skipped=skipped)
     return train, val, info
 
 

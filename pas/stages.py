@@ -39,12 +39,36 @@ def _setup(cfg: dict):
     return world
 
 
+def _excluded_files(d: dict) -> list[str]:
+    """With dataset.bad_images=skip: the unreadable files the check-data report lists (stop: none,
+    the check itself stopped on them)."""
+    from pas.datacheck import IMAGE_FOLDER_DATASETS, check_policy, report_exclusions
+    if check_policy(d) != "skip" or str(d["name"]).lower().replace("-", "_") not in IMAGE_FOLDER_DATASETS:
+        return []
+    if not d["bad_images_report"]:
+        raise PasError("dataset.bad_images 'skip' needs dataset.bad_images_report: expected the JSON report "
+                       "written by pas check-data")
+    return report_exclusions(d["bad_images_report"], d["name"], d["root"])
+
+
+def _data_inputs(cfg: dict) -> tuple[str, ...]:
+    """Files the data depends on beyond the config: the report whose files are skipped."""
+    d = cfg["dataset"]
+    return (d["bad_images_report"],) if d["bad_images"] == "skip" and d["bad_images_report"] else ()
+
+
 def _data(cfg: dict, world, *, augment: bool = True):
     from pas.data import load_data, make_loader
     d = cfg["dataset"]
+    exclude = _excluded_files(d)
     train, val, info = load_data(d["name"], root=d["root"], val_fraction=d["val_fraction"],
                                  seed=d["split_seed"], resize=d["resize"], augment=augment,
-                                 max_train=d["max_train"], max_val=d["max_val"], in_channels=d["in_channels"])
+                                 max_train=d["max_train"], max_val=d["max_val"], in_channels=d["in_channels"],
+                                 exclude=exclude)
+    if exclude and world.main:
+        print(f"[data] skipped {info.skipped} unreadable images listed in {d['bad_images_report']} "
+              f"(dataset.bad_images=skip): {info.train_size} train, {info.val_size} val images",
+              file=sys.stderr, flush=True)
     per_rank = max(1, cfg["batch_size"] // world.size)
 
     def train_loader(epoch: int):
@@ -104,13 +128,16 @@ def _epoch_logger(tracker, stage: str, epochs: int):
     return log
 
 
-def _tracker(cfg, stage: str, world, primary_output: str):
-    """The stage's MLflow run; its plain record lands beside the primary output as *.run.json."""
+def _tracker(cfg, stage: str, world, primary_output: str, info=None):
+    """The stage's MLflow run; its plain record lands beside the primary output as *.run.json.
+    Images dropped as unreadable (dataset.bad_images=skip) are its metric `skipped_images`."""
     from pas.tracking import Tracker
     name = f"{cfg['tags'].get('variant', cfg['backbone'])}/{stage}"
     record = _record_path(Path(primary_output))
     tracker = Tracker(cfg, stage=stage, run_name=name, enabled=world.main, record_path=record)
     _ACTIVE_TRACKERS.append(tracker)
+    if info is not None and info.skipped:
+        tracker.metrics({"skipped_images": info.skipped}, step=0)
     return tracker
 
 
@@ -196,7 +223,7 @@ def _trainer(cfg, model, stage: str, tracker, state, train_loader, val_loader, w
     from pas.engine import OptimConfig, Trainer
     return Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
                    optim=OptimConfig(**cfg["optim"]), seed=cfg["seed"], state_path=state,
-                   fingerprint=_fingerprint(cfg, *inputs),
+                   fingerprint=_fingerprint(cfg, *inputs, *_data_inputs(cfg)),
                    on_epoch=_epoch_logger(tracker, stage, cfg["epochs"]), world=world, amp=cfg["amp"],
                    progress=_progress(cfg))
 
@@ -231,7 +258,7 @@ def pretrain(cfg: dict, *, out_weights: str, out_metrics: str, import_path: str 
     world = _setup(cfg)
     train_loader, val_loader, info = _data(cfg, world)
     model = _model(cfg, info, world)
-    tracker = _tracker(cfg, "pretrain", world, out_metrics)
+    tracker = _tracker(cfg, "pretrain", world, out_metrics, info)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
     trained = not import_path
@@ -260,7 +287,7 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     model = _model(cfg, info, world)
     _load_weights(model, weights)
     s = cfg["search"]
-    tracker = _tracker(cfg, "search", world, out_metrics)
+    tracker = _tracker(cfg, "search", world, out_metrics, info)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
     log_epoch = _epoch_logger(tracker, "search", cfg["epochs"])
@@ -273,7 +300,7 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     result = run_search(model, train_loader, target=s["target"], epochs=cfg["epochs"],
                         optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
                         tolerance=s["tolerance"], history_every=s["history_every"], val_loader=val_loader,
-                        seed=cfg["seed"], state_path=state, fingerprint=_fingerprint(cfg, weights),
+                        seed=cfg["seed"], state_path=state, fingerprint=_fingerprint(cfg, weights, *_data_inputs(cfg)),
                         world=world, progress=_progress(cfg),
                         on_epoch=on_epoch)
     wall = time.perf_counter() - t0
@@ -339,7 +366,7 @@ def finetune(cfg: dict, *, weights: str, masks: str, out_weights: str, out_metri
     _check_masks(model, mask_list, masks)
     set_masks(model, mask_list)
     freeze_gates(model)
-    tracker = _tracker(cfg, "finetune", world, out_metrics)
+    tracker = _tracker(cfg, "finetune", world, out_metrics, info)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
     rows = _trainer(cfg, model, "finetune", tracker, state, train_loader, val_loader, world,

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -64,6 +65,15 @@ def dry_run_jobs(output: str) -> list[tuple[str, dict]]:
         wc = re.search(r"^    wildcards: (.*)$", m.group(2), re.M)
         pairs = dict(p.split("=", 1) for p in wc.group(1).split(", ")) if wc else {}
         jobs.append((m.group(1), pairs))
+    return jobs
+
+
+def job_inputs(output: str) -> list[tuple[str, list[str]]]:
+    """(rule, input files) of every job a dry run (-n) lists."""
+    jobs = []
+    for m in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n?)*)", output, re.M):
+        inputs = re.search(r"^    input: (.*)$", m.group(2), re.M)
+        jobs.append((m.group(1), inputs.group(1).split(", ") if inputs else []))
     return jobs
 
 
@@ -346,6 +356,59 @@ def test_paper_config_dry_run_needs_no_data(tmp_path):
     # a cluster: jobs write run records only, one local job replays them into MLflow at the end
     assert counts["tracking_ingest"] == 1 and "tracking_init" not in counts
     assert "--set tracking.enabled=false" in result.stdout and "--set tracking.enabled=true" not in result.stdout
+    # ImageNet is checked once, before every job that loads it from scratch
+    assert counts["check_data"] == 1
+    assert "pas check-data --set dataset.bad_images=stop --set dataset.name=imagenet" in result.stdout
+    first = {"pretrain", "train_scratch", "full_masks"}
+    waiting = [inputs for rule, inputs in job_inputs(result.stdout) if rule in first]
+    assert len(waiting) == counts["pretrain"] + counts["train_scratch"] + counts["full_masks"]
+    assert all("results/data/check.json" in inputs for inputs in waiting)
+    assert "--set dataset.bad_images_report=results/data/check.json" in result.stdout
+
+
+def test_in_memory_dry_run_has_no_data_check(tmp_path):
+    """The embedded dataset gets no check_data job and no new flag (its jobs' params are unchanged)."""
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(TINY))
+    assert result.returncode == 0, result.stderr
+    assert "check_data" not in job_counts(result.stdout) and "bad_images" not in result.stdout
+    assert all("results/data/check.json" not in inputs for _, inputs in job_inputs(result.stdout))
+
+
+def _image_folder(root: Path, broken: bool) -> None:
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(root / split / c / f"{i}.jpg")
+    if broken:
+        (root / "train" / "b" / "empty.jpg").write_bytes(b"")
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_check_data_job_stops_or_lets_training_skip(tmp_path, policy):
+    """A real check_data job on a folder with one empty file: stop fails it and its log names the
+    file; skip writes the report the training jobs then read."""
+    _image_folder(tmp_path / "images", broken=True)
+    cfg = tiny_config()
+    cfg["dataset"] = {"name": "folder", "root": str(tmp_path / "images"), "resize": 28, "in_channels": 1,
+                      "bad_images": policy}
+    (tmp_path / "folder.yaml").write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, "--configfile", str(tmp_path / "folder.yaml"), "--cores", "1",
+                       "results/data/check.json")
+    log = (tmp_path / "results/data/logs/check_data.log").read_text()
+    assert "unreadable: train/b/empty.jpg (empty file)" in log
+    if policy == "stop":
+        assert result.returncode != 0 and not (tmp_path / "results/data/check.json").exists()
+        assert "pas: error: 1 of 19 images cannot be read" in log
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        report = json.loads((tmp_path / "results/data/check.json").read_text())
+        assert [b["path"] for b in report["bad"]] == ["train/b/empty.jpg"]
+        dry = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "folder.yaml"))
+        assert dry.returncode == 0 and "check_data" not in job_counts(dry.stdout)  # done: not rerun
+        assert "--set dataset.bad_images=skip" in dry.stdout
 
 
 def test_every_seed_runs_the_whole_pipeline(tmp_path):

@@ -31,6 +31,8 @@ rule prune:
 
 rule full_masks:
     """All-ones masks, so a reference network deploys through the same fuse + compact path."""
+    input:
+        data_check=data_check,
     output:
         masks="results/seed{seed}/models/{method}/{model}/masks.json",
     log:
@@ -53,6 +55,7 @@ rule full_masks:
 rule train_scratch:
     """A smaller family member from scratch, for pretrain + search + finetune epochs in all."""
     input:
+        data_check=data_check,
         tracking=tracking_marker,
     output:
         weights="results/seed{seed}/models/scratch/{model}/train/weights.pt",

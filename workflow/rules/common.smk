@@ -15,6 +15,9 @@ import yaml
 
 
 RESULTS = "results"
+# The report of `pas check-data` (rule check_data), for image-folder datasets only.
+DATA_CHECK = f"{RESULTS}/data/check.json"
+IMAGE_FOLDER_DATASETS = ("imagenet", "folder")
 BASELINE_METHODS = ("uniform", "bn_gamma", "l1")
 # Software of every shell rule with --use-conda; pip installs pas from PAS_SOURCE (see the env file).
 PAS_ENV = "../envs/pas.yaml"
@@ -92,6 +95,16 @@ def tracking_marker(wildcards=None):
     return f"{RESULTS}/mlflow/experiment.txt" if tracking_is_direct() else []
 
 
+def is_image_folder():
+    return config["dataset"]["name"] in IMAGE_FOLDER_DATASETS
+
+
+def data_check(wildcards=None):
+    """Every job that loads an image folder waits for its check (rule check_data); the embedded and
+    CIFAR datasets have nothing to check and get no job."""
+    return DATA_CHECK if is_image_folder() else []
+
+
 def search_weights(wildcards):
     return f"{pretrain_dir(variants()[wildcards.model]['backbone'], wildcards.seed)}/weights.pt"
 
@@ -135,6 +148,17 @@ def yaml_value(value):
     return text[:-len("\n...")].strip() if text.endswith("\n...") else text
 
 
+def dataset_slice():
+    """The dataset section; for an image folder with the check-data report the stages read to skip
+    unreadable files (dataset.bad_images), for the other datasets without that key (no checks)."""
+    d = dict(config["dataset"])
+    if is_image_folder():
+        d["bad_images_report"] = DATA_CHECK
+    else:
+        d.pop("bad_images")
+    return d
+
+
 def common_slice(backbone, tags):
     """Keys every stage reads: dataset, run-wide settings, seed, MLflow, backbone, tags. In `ingest`
     mode the jobs log nothing to MLflow; they write run records that tracking_ingest replays."""
@@ -142,7 +166,13 @@ def common_slice(backbone, tags):
     tracking = {k: v for k, v in config["tracking"].items() if k != "mode"}
     tracking["enabled"] = tracking_is_direct()
     return {"backbone": backbone, **training, "seed": int(tags["seed"]), "progress": False,
-            "dataset": config["dataset"], "tracking": tracking, "tags": tags}
+            "dataset": dataset_slice(), "tracking": tracking, "tags": tags}
+
+
+def check_data_flags(wildcards=None):
+    """What the check reads: the dataset's name and root, and whether bad files stop the run."""
+    d = config["dataset"]
+    return set_flags({"dataset": {k: d[k] for k in ("name", "root", "bad_images")}})
 
 
 def tags_for(method, model, seed):

@@ -28,6 +28,7 @@ rule tracking_init:
 rule pretrain:
     """Train the full training-form backbone (or import a checkpoint: pretrain.weights)."""
     input:
+        data_check=data_check,
         tracking=tracking_marker,
     output:
         weights="results/seed{seed}/pretrain/{backbone}/weights.pt",
