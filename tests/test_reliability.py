@@ -84,7 +84,7 @@ def slurm_command(workdir: Path) -> list[str]:
     (no accounting database: sacct would hang the run), quick polling, and one retry."""
     return ["timeout", "-s", "INT", str(SLURM_TIMEOUT_S), *snakemake_args(workdir),
             "--profile", str(ROOT / "profiles" / "slurm"),
-            "--default-resources", "slurm_partition=debug",
+            "--default-resources", "slurm_partition=cpu",
             "--slurm-no-account", "--slurm-status-command", "squeue",
             "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
             "--latency-wait", "5", "--retries", "1"]
@@ -506,7 +506,7 @@ def test_slurm_run_gives_the_local_table(local_run, slurm_run):
         assert without_times(here) == without_times(there), rel
     # every job but the local rules ran as a SLURM job, in this cluster's partition (the command
     # line's default-resources replace the profile's placeholders, account included)
-    assert "slurm_partition=debug" in slurm_run.output
+    assert "slurm_partition=cpu" in slurm_run.output
     assert "slurm_partition=gpu" not in slurm_run.output and "my_account" not in slurm_run.output
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", slurm_run.output)
     local = set(re.findall(r"^localrule (\w+):", slurm_run.output, re.M))  # (+ the failed job's log)

@@ -143,6 +143,9 @@ def test_evaluate_counts_and_latency(chain):
         assert ev[f"latency_ms_cpu_b{b}"] > 0
         assert ev[f"throughput_cpu_b{b}"] == pytest.approx(b / (ev[f"latency_ms_cpu_b{b}"] / 1000))
     assert ev["backbone"] == BACKBONE and ev["widths"] == masks["widths"]
+    # where the latency was measured: CPU model, threads, GPU (none here)
+    assert ev["machine"]["threads"] == ev["threads"] and ev["machine"]["cpus"] >= 1
+    assert ev["machine"]["gpu"] is None and "cpu" in ev["machine"]
     # evaluating the finetuned (masked) network and the deployed one give the same accuracy
     ft = load(chain / "ft/m.json")
     assert ev["top1"] == pytest.approx(ft["final_top1"], abs=100 / 128 + 1e-9)  # at most one image apart

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A throw-away, single-node SLURM cluster on loopback, for the tests and CI.
+# A throw-away, single-node SLURM cluster on loopback, for the tests and CI: partitions cpu (the
+# default) and gpu over one node that declares 2 GPUs as a count in gres.conf (no devices).
 #
 #   cluster.sh install      install slurmctld, slurmd, slurm-client and munge (Debian/Ubuntu)
 #   cluster.sh start DIR    start munged, slurmctld and slurmd with all their files under DIR,
@@ -24,6 +25,8 @@ PACKAGES=(slurmctld slurmd slurm-client munge)
 PROGRAMS=(slurmctld slurmd sinfo sbatch squeue scancel munged mungekey)
 READY_TIMEOUT_S=30
 STOP_TIMEOUT_S=15
+# GPUs the test node claims in gres.conf; none exist.
+GPUS=2
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then
@@ -37,7 +40,8 @@ usage: $(basename "$0") install
        $(basename "$0") stop DIR
 
 install    apt-get install ${PACKAGES[*]} unless the programs are already there
-start DIR  run a one-node cluster (partition "debug") with its state under DIR;
+start DIR  run a one-node cluster (partitions "cpu", the default, and "gpu"; the node
+           declares 2 GPUs that do not exist) with its state under DIR;
            prints: export SLURM_CONF=DIR/slurm.conf
                    export PATH=DIR/bin:\$PATH
 stop DIR   stop the daemons that 'start DIR' recorded in DIR/pids
@@ -161,8 +165,25 @@ SlurmdLogFile=$dir/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 
-NodeName=$host NodeAddr=127.0.0.1 $hardware State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+# Two GPUs as a generic resource, declared in gres.conf with stand-in device files (see below):
+# enough for SLURM to schedule, count and report GPU requests (--gpus, --gres=gpu:N), not to run
+# anything on a GPU.
+GresTypes=gpu
+NodeName=$host NodeAddr=127.0.0.1 $hardware Gres=gpu:$GPUS State=UNKNOWN
+# Two partitions over the same node, as on a GPU cluster: jobs that name none go to cpu.
+PartitionName=cpu Nodes=$host Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$host MaxTime=INFINITE State=UP
+EOF
+    # slurmd drops a GPU without a device file ("Removing file-less GPU") and rejects a File= that
+    # is not a character or block device; links to /dev/null pass both checks. Nothing opens them.
+    mkdir -p "$dir/dev"
+    local i
+    for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null "$dir/dev/gpu$i"; done
+    cat >"$dir/gres.conf" <<EOF
+# Written by tests/slurm/cluster.sh: $GPUS GPUs that do not exist. No autodetection (there is no
+# NVML); each "device" is a link to /dev/null.
+AutoDetect=off
+NodeName=$host Name=gpu File=$dir/dev/gpu[0-$((GPUS - 1))]
 EOF
 }
 
@@ -223,7 +244,7 @@ cmd_start() {
     chmod 755 "$dir"
     check_searchable "$dir"
     # A previous start in the same DIR must not leak jobs, node state or an old key into this one.
-    "${SUDO[@]}" rm -rf "$dir/state" "$dir/spool" "$dir/log" "$dir/munge" "$dir/bin" \
+    "${SUDO[@]}" rm -rf "$dir/state" "$dir/spool" "$dir/log" "$dir/munge" "$dir/bin" "$dir/dev" \
         "$dir/slurmctld.pid" "$dir/slurmd.pid"
     mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$dir/munge"
     # munged wants the key readable by its user only, and its socket directory searchable by all.
@@ -259,7 +280,8 @@ cmd_start() {
 
     local state=""
     for _ in $(seq $((READY_TIMEOUT_S * 2))); do
-        state=$(sinfo -h -N -o %T 2>/dev/null || true)
+        # One line per partition the node is in: all of them must say idle.
+        state=$(sinfo -h -N -o %T 2>/dev/null | sort -u || true)
         [[ $state == idle ]] && break
         sleep 0.5
     done

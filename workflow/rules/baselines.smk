@@ -68,9 +68,9 @@ rule train_scratch:
         stage=scratch_flags,
     threads: TRAIN_THREADS
     resources:
-        **TRAIN_RESOURCES,
+        **train_resources("train_scratch"),
     conda:
         PAS_ENV
     shell:
-        "pas pretrain {params.stage} --set threads={threads} --nproc-per-node {resources.nproc_per_node} "
+        "pas pretrain {params.stage} --set threads={resources.threads_per_rank} --nproc-per-node {resources.nproc_per_node} "
         "--out-weights {output.weights} --out-metrics {output.metrics} > {log} 2>&1"

@@ -245,30 +245,81 @@ def full_masks_flags(wildcards):
 
 
 # -- resources ---------------------------------------------------------------------------------
+# What each rule asks the scheduler for, from config["resources"]. Only `threads` matters to a local
+# run; the rest becomes the sbatch line under profiles/slurm (snakemake-executor-plugin-slurm):
+# runtime -> -t, mem_mb -> --mem, cpus_per_task -> --cpus-per-task, slurm_partition -> -p,
+# nodes -> --nodes, gpu -> --gpus, gres -> --gres. `nproc_per_node` and `threads_per_rank` are read by
+# the shell lines only: resources, not params, since they do not change a job's results and must
+# not trigger a rerun.
 
-def train_resources():
-    """SLURM asks for GPUs by `gpu` (--gpus) or `gres` (--gres=gpu:N), as configured; `nproc_per_node`
-    is the number of training processes (one per GPU): a resource, not a param, because it does not
-    change a job's results and must not trigger a rerun."""
+def runtime_minutes(base):
+    """The runtime resource: `base` minutes on the first attempt, attempt x base on a retry (a
+    training retry resumes from its state file, a timed-out short job just gets longer), never past
+    resources.max_runtime."""
+    ceiling = config["resources"]["max_runtime"]
+
+    def runtime(wildcards, attempt):
+        minutes = base * attempt
+        return min(minutes, ceiling) if ceiling else minutes
+    return runtime
+
+
+def partition(name):
+    """slurm_partition only where one is configured: empty leaves the choice to the cluster (its
+    default partition) or to a default-resources entry of the profile."""
+    return {"slurm_partition": name} if name else {}
+
+
+def gpu_request(gpus):
+    """`gpu` (--gpus=N) or `gres` (--gres=gpu:N) as resources.gpu_request says; nothing without GPUs."""
+    if not gpus:
+        return {}
+    return {"gpu": gpus} if config["resources"]["gpu_request"] == "gpu" else {"gres": f"gpu:{gpus}"}
+
+
+def threads_per_rank(nproc):
+    """Torch threads of each of a job's `nproc` processes: the job's CPUs shared out (a job of 32
+    CPUs and 8 GPUs runs 8 processes of 4 threads, not 8 x 32). `threads` is the rule's thread
+    count as the job gets it (lowered to --cores in a local run)."""
+    def per_rank(wildcards, threads):
+        return max(1, threads // nproc)
+    return per_rank
+
+
+def train_resources(rule_name):
+    """A training job: one node (torchrun --standalone starts all processes on it), one process per
+    GPU, the training partition, this rule's runtime."""
     r = config["resources"]["train"]
-    gpus, request = r["gpus"], config["resources"]["gpu_request"]
-    return {"runtime": r["runtime"], "mem_mb": r["mem_mb"], "cpus_per_task": r["threads"],
-            "gpu": gpus if request == "gpu" else 0,
-            "gres": f"gpu:{gpus}" if request == "gres" and gpus else "",
-            "nproc_per_node": max(1, gpus)}
+    nproc = max(1, r["gpus"])
+    return {"runtime": runtime_minutes(r["runtime"][rule_name]), "mem_mb": r["mem_mb"],
+            "cpus_per_task": r["threads"], "nodes": 1, **partition(r["partition"]),
+            **gpu_request(r["gpus"]), "nproc_per_node": nproc, "threads_per_rank": threads_per_rank(nproc)}
 
 
-def light_resources():
+def light_resources(threads=None):
+    """A short CPU job in the light partition (`threads`: its CPUs, if not resources.light.threads)."""
     r = config["resources"]["light"]
-    return {"runtime": r["runtime"], "mem_mb": r["mem_mb"], "cpus_per_task": r["threads"]}
+    return {"runtime": runtime_minutes(r["runtime"]), "mem_mb": r["mem_mb"],
+            "cpus_per_task": threads or r["threads"], **partition(r["partition"])}
+
+
+def evaluate_resources():
+    """Short-job resources with the CPUs of the latency measurement; with resources.evaluate.gpus
+    one GPU (on one node) in the training partition, so latency is measured on a GPU as well."""
+    gpus = config["resources"]["evaluate"]["gpus"]
+    res = light_resources(EVAL_THREADS)
+    if gpus:
+        res.pop("slurm_partition", None)
+        res.update(nodes=1, **partition(config["resources"]["train"]["partition"]), **gpu_request(gpus))
+    return res
 
 
 # Evaluated once the config is complete: rules read these at definition time.
-TRAIN_RESOURCES = train_resources()
-LIGHT_RESOURCES = light_resources()
 TRAIN_THREADS = config["resources"]["train"]["threads"]
 LIGHT_THREADS = config["resources"]["light"]["threads"]
 EVAL_THREADS = max(LIGHT_THREADS, config["evaluate"]["threads"])
+LIGHT_RESOURCES = light_resources()
+EVAL_RESOURCES = evaluate_resources()
 
 
 wildcard_constraints:

@@ -42,11 +42,11 @@ rule pretrain:
         checkpoint=pretrain_import,
     threads: TRAIN_THREADS
     resources:
-        **TRAIN_RESOURCES,
+        **train_resources("pretrain"),
     conda:
         PAS_ENV
     shell:
-        "pas pretrain {params.stage} {params.checkpoint} --set threads={threads} --nproc-per-node {resources.nproc_per_node} "
+        "pas pretrain {params.stage} {params.checkpoint} --set threads={resources.threads_per_rank} --nproc-per-node {resources.nproc_per_node} "
         "--out-weights {output.weights} --out-metrics {output.metrics} > {log} 2>&1"
 
 
@@ -68,11 +68,11 @@ rule search:
         stage=search_flags,
     threads: TRAIN_THREADS
     resources:
-        **TRAIN_RESOURCES,
+        **train_resources("search"),
     conda:
         PAS_ENV
     shell:
-        "pas search {params.stage} --set threads={threads} --nproc-per-node {resources.nproc_per_node} --weights {input.weights} "
+        "pas search {params.stage} --set threads={resources.threads_per_rank} --nproc-per-node {resources.nproc_per_node} --weights {input.weights} "
         "--out-weights {output.weights} --out-masks {output.masks} --out-history {output.history} "
         "--out-metrics {output.metrics} > {log} 2>&1"
 
@@ -96,11 +96,11 @@ rule finetune:
         stage=finetune_flags,
     threads: TRAIN_THREADS
     resources:
-        **TRAIN_RESOURCES,
+        **train_resources("finetune"),
     conda:
         PAS_ENV
     shell:
-        "pas finetune {params.stage} --set threads={threads} --nproc-per-node {resources.nproc_per_node} "
+        "pas finetune {params.stage} --set threads={resources.threads_per_rank} --nproc-per-node {resources.nproc_per_node} "
         "--weights {input.weights} --masks {input.masks} --out-weights {output.weights} "
         "--out-metrics {output.metrics} > {log} 2>&1"
 
@@ -152,7 +152,7 @@ rule evaluate:
         stage=evaluate_flags,
     threads: EVAL_THREADS
     resources:
-        **LIGHT_RESOURCES,
+        **EVAL_RESOURCES,
     conda:
         PAS_ENV
     shell:
