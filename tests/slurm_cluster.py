@@ -148,7 +148,7 @@ def run_in_own_group(command: Sequence[str], *, timeout: float, grace_s: float =
         stdout, stderr = process.communicate(timeout=timeout)
         return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     finally:
-        _kill_group(process, grace_s)
+        kill_group(process, grace_s)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -159,7 +159,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _kill_group(process: subprocess.Popen, grace_s: float) -> None:
+def kill_group(process: subprocess.Popen, grace_s: float) -> None:
     """SIGINT to the group `process` leads, SIGKILL to what is left of it after `grace_s` seconds."""
     pgid = process.pid
     if _group_alive(pgid):

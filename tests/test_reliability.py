@@ -1,5 +1,6 @@
-"""Reliability, with the real components: the tiny config's whole DAG through profiles/slurm on the
-one-node test cluster (with one training job scancelled and retried) gives the same table as a
+"""Reliability, with the real components: a one-variant cut of the tiny config's DAG (PaS-A, the
+uniform baseline, the full backbone and a scratch reference: every kind of job) through
+profiles/slurm on the one-node test cluster (with one training job scancelled and retried) gives the same table as a
 local run of the same config (with search and fine-tune jobs killed -9 at seeded random moments and
 the workflow started again until done); killed or cancelled training resumes after its last
 complete epoch and ends bit-exact; jobs on a cluster write run records that one local command
@@ -33,6 +34,8 @@ import pytest
 import torch
 import yaml
 
+from tests.slurm_cluster import kill_group
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = BIN / "snakemake"
@@ -53,8 +56,12 @@ needs_snakemake = pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake i
 
 def reliability_config() -> dict:
     """config/test.yaml, deterministic (bit-exact on CPU), with enough epochs that a kill or a
-    scancel can land between epochs (an epoch here is ~0.1-0.4 s; a job starts in ~6 s)."""
+    scancel can land between epochs (an epoch here is ~0.1-0.4 s; a job starts in ~6 s). One
+    variant and one baseline: the properties tested here are per job, and every kind of job still
+    runs (tests/test_workflow.py runs the tiny config's whole DAG)."""
     cfg = yaml.safe_load(TINY.read_text())
+    cfg["variants"] = [v for v in cfg["variants"] if v["name"] == "PaS-A"]
+    cfg["baselines"] = {"methods": ["uniform"]}
     cfg["training"] = {"deterministic": True}
     cfg["search"]["epochs"] = 5
     cfg["finetune"]["epochs"] = 4  # train_scratch: 2 + 5 + 4 = 11 epochs
@@ -309,9 +316,14 @@ def kill_job(workdir: Path, kill: Kill, snakemake: subprocess.Popen, timeout: fl
 
 
 def run_logged(cmd: list[str], out: Path, env: dict, timeout: float) -> int:
+    """`cmd` with its output in `out`, in a process group stopped however this call ends."""
     with open(out, "w") as f:
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout,
-                              cwd=out.parent).returncode
+        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=out.parent,
+                                   start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        kill_group(process, grace_s=60)
 
 
 # -- the runs ---------------------------------------------------------------------------------
@@ -376,18 +388,16 @@ def slurm_started(request, tmp_path_factory) -> SlurmRun | None:
     monitor.start()
     out = open(workdir / "snakemake.out", "w")
     t0 = time.monotonic()
-    process = subprocess.Popen(slurm_command(workdir), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    process = subprocess.Popen(slurm_command(workdir), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+                               start_new_session=True)
     out.close()
     run = SlurmRun(workdir, process, monitor, cancel, stop, t0)
     threading.Thread(target=lambda: (process.wait(), run.ended.append(time.monotonic())), daemon=True).start()
     yield run
-    if run.rc is None:  # a failing test left it running: stop it cleanly (SIGINT cancels its jobs)
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        stop.set()
+    stop.set()
+    # a failing test or an interrupted session left it running: SIGINT (which cancels its SLURM jobs)
+    # to its whole process group, then SIGKILL
+    kill_group(process, grace_s=60)
 
 
 @pytest.fixture(scope="module")
@@ -442,14 +452,12 @@ def local_run(slurm_started, tmp_path_factory) -> LocalRun:
         out = workdir / f"snakemake.{len(attempts)}.out"
         with open(out, "w") as f:
             snakemake = subprocess.Popen(local_command(workdir), stdout=f, stderr=subprocess.STDOUT, env=env,
-                                         cwd=workdir)
+                                         cwd=workdir, start_new_session=True)
         try:
             kill_job(workdir, kill, snakemake, timeout=LOCAL_TIMEOUT_S)
             rc = snakemake.wait(timeout=LOCAL_TIMEOUT_S)
         finally:
-            if snakemake.poll() is None:
-                snakemake.send_signal(signal.SIGINT)
-                snakemake.wait(timeout=60)
+            kill_group(snakemake, grace_s=60)  # its jobs too, however this attempt ended
         text = out.read_text()
         kill.hit = f"Error in rule {job.rule}:" in text
         kills.append(kill)
@@ -492,7 +500,7 @@ def reference(request, slurm_started, tmp_path_factory) -> Path:
 def test_slurm_run_gives_the_local_table(local_run, slurm_run):
     slurm_rows = read_table(slurm_run.workdir)
     local_rows = read_table(local_run.workdir)
-    assert len(slurm_rows) == len(local_rows) == 11
+    assert len(slurm_rows) == len(local_rows) == 4  # PaS-A, uniform@PaS-A, full, scratch
     key = lambda r: (r["method"], r["model"])  # noqa: E731
     slurm_rows, local_rows = sorted(slurm_rows, key=key), sorted(local_rows, key=key)
     for s, loc in zip(slurm_rows, local_rows):
@@ -500,7 +508,7 @@ def test_slurm_run_gives_the_local_table(local_run, slurm_run):
         assert {c: s[c] for c in TABLE_COLUMNS} == {c: loc[c] for c in TABLE_COLUMNS}
     # every training job's metrics (histories, losses, final accuracies), apart from wall times
     metrics = sorted(p.relative_to(local_run.workdir) for p in local_run.workdir.glob("results/seed0/**/metrics.json"))
-    assert len(metrics) == 2 + 2 + 8 + 1  # pretrain, search, finetune, scratch
+    assert len(metrics) == 1 + 1 + 2 + 1  # pretrain, search, finetune, scratch
     for rel in metrics:
         here, there = read_json(local_run.workdir / rel), read_json(slurm_run.workdir / rel)
         assert without_times(here) == without_times(there), rel
@@ -512,7 +520,7 @@ def test_slurm_run_gives_the_local_table(local_run, slurm_run):
     local = set(re.findall(r"^localrule (\w+):", slurm_run.output, re.M))  # (+ the failed job's log)
     assert {"all", "plots", "tables", "evidence", "tracking_ingest"} <= local and "full_masks" not in local
     # every job but all, tables, plots, evidence and tracking_ingest; and the retry
-    assert len(submitted) == 49 - 5 + 1
+    assert len(submitted) == 21 - 5 + 1
 
 
 @pytest.mark.slow
@@ -551,7 +559,7 @@ def test_cluster_jobs_write_run_records_that_one_local_rule_ingests(slurm_run):
     workdir = slurm_run.workdir
     db = workdir / "results" / "mlflow.db"
     records = sorted(workdir.glob("results/**/*run.json"))
-    assert len(records) == 3 + 2 + 6 + 8 + 11 + 11  # pretrain+scratch, search, prune, finetune, deploy, evaluate
+    assert len(records) == 2 + 1 + 1 + 2 + 4 + 4  # pretrain+scratch, search, prune, finetune, deploy, evaluate
     assert (workdir / "results" / "mlflow" / "ingested.txt").read_text().strip() == str(len(records))
     assert "Error" not in (workdir / "results" / "mlflow" / "logs" / "tracking_ingest.log").read_text()
     assert not (workdir / "results" / "mlflow" / "experiment.txt").exists()  # no tracking_init job ran
@@ -571,7 +579,7 @@ def test_cluster_jobs_write_run_records_that_one_local_rule_ingests(slurm_run):
         assert run.info.status == "FINISHED"
         assert run.data.tags["slurm_job_id"].isdigit()  # each ran as a SLURM job
         assert run.data.tags["seed"] == "0"
-    assert stages == {"pretrain": 3, "search": 2, "prune": 6, "finetune": 8, "deploy": 11, "evaluate": 11}
+    assert stages == {"pretrain": 2, "search": 1, "prune": 1, "finetune": 2, "deploy": 4, "evaluate": 4}
     for run in runs:
         if run.data.tags["stage"] == "evaluate":
             tags = run.data.tags
@@ -724,10 +732,11 @@ def test_readme_mlflow_ui_binds_loopback_only():
 
 # Placeholders in the rules' shell commands and why each is safe: paths built from wildcards that
 # the schema and check_config restrict to [A-Za-z0-9._-] names, numbers (threads, the first seed,
-# the search epochs: integers by the schema), `:q`-quoted params, or params whose functions quote
+# the search epochs: integers by the schema; threads per training process: an integer computed from
+# them), `:q`-quoted params, or params whose functions quote
 # every value with shlex.quote (set_flags, pretrain_import, table_flags, history_flags,
 # evidence_flags; checked with hostile values below).
-SAFE_PLACEHOLDER = re.compile(r"^(input\.\w+|output\.\w+|log|threads|resources\.nproc_per_node|params\.\w+:q|"
+SAFE_PLACEHOLDER = re.compile(r"^(input\.\w+|output\.\w+|log|threads|resources\.(nproc_per_node|threads_per_rank)|params\.\w+:q|"
                               r"params\.(stage|checkpoint|rows|histories|runs|seed|epochs))$")
 
 
@@ -792,7 +801,7 @@ def test_free_form_config_strings_reach_commands_as_single_arguments(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     commands = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()
                 if line.startswith("Shell command: pas ")]
-    assert len(commands) == 48  # every job but `all`
+    assert len(commands) == 21  # every job but `all` (check_data included: the data is a folder)
     seen = set()
     for command in commands:
         argv = shlex.split(command)

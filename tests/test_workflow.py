@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 import pas.models
+from tests.slurm_cluster import run_in_own_group
 from pas.search import resolve_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.Com
     """The real snakemake on the repository's Snakefile, working in `workdir`; `pas` first on PATH."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
+    return run_in_own_group(cmd, timeout=timeout, env=env, cwd=workdir)
 
 
 def tiny_config() -> dict:
