@@ -172,7 +172,7 @@ PAPER_OVERRIDES = {
     },
 }
 PRETRAIN = "results/seed0/pretrain/mobilenetv2_100/metrics.json"  # a GPU training job
-PRUNE = "results/seed0/models/uniform/PaS-light-A/masks.json"  # a CPU job, after the pretraining
+PRUNE = "results/seed0/models/uniform/PaS-A/masks.json"  # a CPU job; its pretrained backbone is there
 EVAL_DIR = "results/seed0/models/scratch/mobilenetv2_050"  # evaluate: one GPU, fails once
 
 
@@ -202,9 +202,13 @@ def prepare_paper_run(workdir: Path) -> tuple[Path, dict]:
                      pretrain={"weights": {k: str(v) for k, v in weights.items()}})
     override_file = workdir / "cluster.yaml"
     override_file.write_text(yaml.safe_dump(overrides))
-    # Everything upstream of one scratch network's evaluate, already there and older than its
-    # consumers, so that evaluate is the only job of that branch.
-    upstream = [f"{EVAL_DIR}/train/weights.pt", f"{EVAL_DIR}/train/metrics.json", f"{EVAL_DIR}/masks.json",
+    # Already there, each older than its consumers: the data check, RepVGG-B1's pretraining (the
+    # prune job's input) and everything upstream of one scratch network's evaluate. So the three
+    # jobs under test start at once (one wave of SLURM jobs, plus evaluate's retry), each SLURM
+    # job costing ~20 s here.
+    upstream = ["results/data/check.json", "results/seed0/pretrain/repvgg_b1/weights.pt",
+                "results/seed0/pretrain/repvgg_b1/metrics.json",
+                f"{EVAL_DIR}/train/weights.pt", f"{EVAL_DIR}/train/metrics.json", f"{EVAL_DIR}/masks.json",
                 *(f"{EVAL_DIR}/deploy/{n}" for n in ("arch.json", "model.safetensors", "model.onnx", "deploy.json"))]
     for age, rel in enumerate(reversed(upstream)):
         path = workdir / rel
