@@ -132,7 +132,7 @@ def _tracker(cfg, stage: str, world, primary_output: str, info=None):
     """The stage's MLflow run; its plain record lands beside the primary output as *.run.json.
     Images dropped as unreadable (dataset.bad_images=skip) are its metric `skipped_images`."""
     from pas.tracking import Tracker
-    name = f"{cfg['tags'].get('variant', cfg['backbone'])}/{stage}"
+    name = f"{cfg['tags'].get('variant', cfg['backbone'])} seed{cfg['seed']}/{stage}"
     record = _record_path(Path(primary_output))
     tracker = Tracker(cfg, stage=stage, run_name=name, enabled=world.main, record_path=record)
     _ACTIVE_TRACKERS.append(tracker)

@@ -17,6 +17,9 @@ from pas.config import flatten
 from pas.errors import PasError
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
 def _absolute_uri(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = Path(uri[len("sqlite:///"):]).resolve()
@@ -35,7 +38,10 @@ def init_store(uri: str, experiment: str, artifact_root: str) -> str:
     location = Path(artifact_root).resolve()
     location.mkdir(parents=True, exist_ok=True)
     try:
-        return client.create_experiment(experiment, artifact_location=location.as_uri())
+        # The kind makes the MLflow 3 UI open the experiment on its training runs, not its GenAI
+        # (traces) view.
+        return client.create_experiment(experiment, artifact_location=location.as_uri(),
+                                        tags={EXPERIMENT_KIND: "custom_model_development"})
     except Exception:  # created by a concurrent process in the meantime
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -64,14 +70,19 @@ class Tracker:
         self.writer = enabled
         self.enabled = enabled and cfg["tracking"]["enabled"]
         self.record_path = Path(record_path) if record_path else None
+        commit = git_commit()
         tags = {"stage": stage, "backbone": cfg["backbone"], "seed": str(cfg["seed"]),
-                "git_commit": git_commit(), "host": socket.gethostname(),
-                **{k: str(v) for k, v in cfg["tags"].items()}}
+                "git_commit": commit, "host": socket.gethostname(),
+                **{k: str(v) for k, v in cfg["tags"].items()},
+                # the standard tags the MLflow UI shows (source, user, description)
+                "mlflow.source.git.commit": commit, "mlflow.source.name": f"pas {stage}",
+                "mlflow.source.type": "JOB", "mlflow.user": _user(),
+                "mlflow.note.content": _note(stage, cfg)}
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         # the record's id tags its MLflow run, here and when ingested: a record is in a store once
         tags["pas_record"] = uuid.uuid4().hex
-        self.record = {"run_name": run_name, "tags": tags,
+        self.record = {"run_name": run_name, "tags": tags, "start_time": _now_ms(), "end_time": None,
                        "params": {k: str(v)[:6000] for k, v in flatten(cfg).items()},
                        "metrics": [], "artifacts": []}
         self.client = self.run_id = None
@@ -84,9 +95,10 @@ class Tracker:
     def metrics(self, values: dict, step: int | None = None) -> None:
         rows = {k: float(v) for k, v in values.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.record["metrics"].append({"step": step or 0, "values": rows})
+        timestamp = _now_ms()
+        self.record["metrics"].append({"step": step or 0, "timestamp": timestamp, "values": rows})
         if self.enabled:
-            _log_metrics(self.client, self.run_id, rows, step or 0)
+            _log_metrics(self.client, self.run_id, rows, step or 0, timestamp)
 
     def tags(self, values: dict) -> None:
         """Tags set during the run (e.g. what a checkpoint import did)."""
@@ -108,14 +120,42 @@ class Tracker:
         if self.finished:
             return
         self.finished = True
+        self.record["end_time"] = _now_ms()
         if ok and self.record_path and self.writer:
             from pas.io import atomic_write_json
             atomic_write_json(self.record_path, self.record)
         if self.enabled:
-            self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+            self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED", end_time=self.record["end_time"])
 
 
-def _start_run(uri: str, experiment: str, artifact_root: str, run_name: str, tags: dict, params: dict):
+def _now_ms() -> int:
+    import time
+    return int(time.time() * 1000)
+
+
+def _user() -> str:
+    import getpass
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (some containers)
+        return str(os.getuid())
+
+
+def _note(stage: str, cfg: dict) -> str:
+    """The run's one-paragraph description (the UI's Description field)."""
+    t = cfg["tags"]
+    what = {"pretrain": "trains (or imports) the full backbone", "search": "searches the layer widths with DBC gates "
+            "and the MACs penalty", "prune": "computes a baseline's masks", "finetune": "fine-tunes the masked "
+            "network", "deploy": "fuses, compacts and exports the network", "evaluate": "measures accuracy, MACs "
+            "and latency of the deployed network"}.get(stage, stage)
+    row = t.get("variant", cfg["backbone"])
+    target = f" at target {t['target']}" if t.get("target") not in (None, "full") else ""
+    return (f"{row} ({t.get('method', 'pas')} on {cfg['backbone']}{target}), seed {cfg['seed']}: this run {what} "
+            f"on {cfg.get('dataset', {}).get('name', 'its data')}.")
+
+
+def _start_run(uri: str, experiment: str, artifact_root: str, run_name: str, tags: dict, params: dict,
+               start_time: int | None = None):
     import mlflow
     from mlflow.entities import Param
     try:  # a store path under a file, an unreadable database, ...: one line, not a traceback
@@ -123,19 +163,18 @@ def _start_run(uri: str, experiment: str, artifact_root: str, run_name: str, tag
         exp_id = init_store(uri, experiment, artifact_root)
     except Exception as e:
         raise PasError(f"MLflow store {uri!r} cannot be opened: {str(e).splitlines()[0]}") from None
-    run_id = client.create_run(exp_id, tags={**tags, "mlflow.runName": run_name}, run_name=run_name).info.run_id
+    run_id = client.create_run(exp_id, start_time=start_time, tags={**tags, "mlflow.runName": run_name},
+                               run_name=run_name).info.run_id
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
     return client, run_id
 
 
-def _log_metrics(client, run_id: str, values: dict, step: int) -> None:
-    import time
-
+def _log_metrics(client, run_id: str, values: dict, step: int, timestamp: int | None = None) -> None:
     from mlflow.entities import Metric
-    now = int(time.time() * 1000)
-    batch = [Metric(k, v, now, step) for k, v in values.items()]
+    timestamp = _now_ms() if timestamp is None else timestamp
+    batch = [Metric(k, v, timestamp, step) for k, v in values.items()]
     for i in range(0, len(batch), 500):
         client.log_batch(run_id, metrics=batch[i:i + 500])
 
@@ -163,13 +202,15 @@ def ingest(records: list[str | Path], *, uri: str, experiment: str, artifact_roo
         found = client.search_runs([exp_id], filter_string=f"tags.pas_record = '{key}'", max_results=1)
         if found:  # ingested before, or logged directly by the job that wrote the record
             continue
+        # the run's real start and end and each metric's own time, as the job recorded them (a
+        # record of an older version has none: the ingest time stands in)
         _, run_id = _start_run(uri, experiment, artifact_root, rec["run_name"],
-                               {**rec["tags"], "pas_record": key}, rec["params"])
+                               {**rec["tags"], "pas_record": key}, rec["params"], start_time=rec.get("start_time"))
         for row in rec["metrics"]:
-            _log_metrics(client, run_id, row["values"], row["step"])
+            _log_metrics(client, run_id, row["values"], row["step"], row.get("timestamp"))
         for a in rec["artifacts"]:
             if Path(a["path"]).exists():
                 client.log_artifact(run_id, a["path"], a["folder"])
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=rec.get("end_time"))
         created += 1
     return created

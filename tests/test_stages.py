@@ -5,6 +5,7 @@ Every stage runs as `python -m pas.cli ...` in a subprocess, exactly as a workfl
 """
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -328,6 +329,8 @@ def test_mlflow_runs_tags_metrics_params_artifacts(tmp_path):
 
     client = mlflow.MlflowClient(uri)
     assert client.get_experiment_by_name("pas").experiment_id == exp_id
+    # opened in the UI on its training runs, not in the GenAI (traces) view
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([exp_id])
     assert sorted(r.data.tags["stage"] for r in runs) == ["pretrain", "search"]  # one run per stage
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -337,7 +340,10 @@ def test_mlflow_runs_tags_metrics_params_artifacts(tmp_path):
         t = r.data.tags
         assert t["backbone"] == BACKBONE and t["seed"] == "0" and t["variant"] == "x"
         assert t["git_commit"] == commit and t["host"] == socket.gethostname()
-        assert r.info.run_name == f"x/{t['stage']}" and r.info.status == "FINISHED"
+        # the standard tags the MLflow UI shows: its Git column, source, user, description
+        assert t["mlflow.source.git.commit"] == commit and t["mlflow.source.name"] == f"pas {t['stage']}"
+        assert t["mlflow.user"] == getpass.getuser() and "seed 0" in t["mlflow.note.content"]
+        assert r.info.run_name == f"x seed0/{t['stage']}" and r.info.status == "FINISHED"
         assert r.data.params["optim.lr"] == "0.05" and r.data.params["epochs"] == "2"
         assert r.data.params["backbone"] == BACKBONE
         by_stage[t["stage"]] = r

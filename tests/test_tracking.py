@@ -69,3 +69,26 @@ def test_ingest_skips_runs_the_jobs_logged_directly(tmp_path):
         {k: v for k, v in direct.data.tags.items() if not k.startswith("mlflow.")}
     assert rebuilt.data.metrics == direct.data.metrics
     assert rebuilt.data.metrics["final_top1"] == json.loads(out.read_text())["final_top1"]
+
+
+def test_ingest_keeps_each_runs_real_times(tmp_path):
+    """A cluster job's run, ingested later, starts and ends when the job did, and each metric keeps
+    the time it was logged at: the record's times, not the ingest's."""
+    import time
+    common = ["--set", "backbone=repvgg_a0_mini", "--set", "dataset.max_train=200", "--set", "dataset.max_val=100",
+              "--set", "tracking.enabled=false"]
+    subprocess.run([*PAS, "pretrain", *common, "--set", "epochs=2", "--out-weights", str(tmp_path / "pre.pt"),
+                    "--out-metrics", str(tmp_path / "pre.json")], check=True, capture_output=True)
+    record = json.loads((tmp_path / "pre.run.json").read_text())
+    time.sleep(1.5)
+    ingested_after = int(time.time() * 1000)
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    subprocess.run([*PAS, "tracking-ingest", str(tmp_path), "--uri", uri, "--artifact-root", str(tmp_path / "art")],
+                   check=True, capture_output=True)
+    client, (run,) = _runs(uri)
+    assert (run.info.start_time, run.info.end_time) == (record["start_time"], record["end_time"])
+    assert record["start_time"] < record["end_time"] < ingested_after
+    logged = {(row["step"], row["timestamp"]) for row in record["metrics"] if "top1" in row["values"]}
+    stored = {(m.step, m.timestamp) for m in client.get_metric_history(run.info.run_id, "top1")}
+    assert stored == logged and len(stored) == 2
+    assert all(record["start_time"] <= t <= record["end_time"] for _, t in stored)

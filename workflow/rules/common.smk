@@ -179,8 +179,28 @@ def tags_for(method, model, seed):
     """MLflow tags of every run of one row; `variant` names the row (and the MLflow run)."""
     reference = method in ("full", "scratch")
     name = model if method == "pas" or reference else f"{method}@{model}"
-    target = "full" if reference else str(variants()[model]["target"])
+    if method == "full":
+        target = "full"
+    elif method == "scratch":
+        target = scratch_target(model)
+    else:
+        target = str(variants()[model]["target"])
     return {"variant": name, "model": model, "method": method, "target": target, "seed": str(seed)}
+
+
+def scratch_target(model):
+    """A scratch member's `target` tag: the target of the variants at its MACs (within 1%), so that
+    filtering runs by a target finds the scratch reference with PaS and the baselines; else its own
+    MACs; empty where the data's shape is known only at run time."""
+    arch = network_arch(config, model)
+    if arch is None:
+        return ""
+    macs = int(arch.macs())
+    for v in variants().values():
+        searched = network_arch(config, v["backbone"])
+        if abs(resolve_target(v["target"], searched) / macs - 1) <= 0.01:
+            return str(v["target"])
+    return str(macs)
 
 
 def training_slice(section, epochs=None):
