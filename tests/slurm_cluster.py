@@ -178,3 +178,26 @@ def kill_group(process: subprocess.Popen, grace_s: float) -> None:
     if process.poll() is None:
         process.kill()
     process.communicate()
+
+
+def kill_processes_in(folder: Path) -> list[int]:
+    """SIGKILL every process whose working directory is `folder` or under it; return their PIDs.
+    What a cancelled SLURM job leaves: with proctrack/linuxproc (no cgroups) slurmd can lose track
+    of a job step's process that its parent left behind (seen: the jobstep's snakemake, sleeping
+    with its parent gone)."""
+    folder = Path(folder).resolve()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cwd == folder or folder in cwd.parents:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return killed

@@ -34,7 +34,7 @@ import pytest
 import torch
 import yaml
 
-from tests.slurm_cluster import kill_group
+from tests.slurm_cluster import kill_group, kill_processes_in
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -396,8 +396,11 @@ def slurm_started(request, tmp_path_factory) -> SlurmRun | None:
     yield run
     stop.set()
     # a failing test or an interrupted session left it running: SIGINT (which cancels its SLURM jobs)
-    # to its whole process group, then SIGKILL
+    # to its whole process group, then SIGKILL; then whatever a cancelled job left in its folder
     kill_group(process, grace_s=60)
+    left = kill_processes_in(workdir)
+    if left:
+        print(f"killed {len(left)} process(es) the SLURM run left in {workdir}: {left}")
 
 
 @pytest.fixture(scope="module")
