@@ -128,13 +128,15 @@ def _epoch_logger(tracker, stage: str, epochs: int):
     return log
 
 
-def _tracker(cfg, stage: str, world, primary_output: str, info=None):
+def _tracker(cfg, stage: str, world, primary_output: str, info=None, *, weights_in=None, weights_out=None):
     """The stage's MLflow run; its plain record lands beside the primary output as *.run.json.
+    The weights it reads and writes link it to the run before it and the pretraining behind it.
     Images dropped as unreadable (dataset.bad_images=skip) are its metric `skipped_images`."""
     from pas.tracking import Tracker
     name = f"{cfg['tags'].get('variant', cfg['backbone'])} seed{cfg['seed']}/{stage}"
     record = _record_path(Path(primary_output))
-    tracker = Tracker(cfg, stage=stage, run_name=name, enabled=world.main, record_path=record)
+    tracker = Tracker(cfg, stage=stage, run_name=name, enabled=world.main, record_path=record,
+                      weights_in=weights_in, weights_out=weights_out)
     _ACTIVE_TRACKERS.append(tracker)
     if info is not None and info.skipped:
         tracker.metrics({"skipped_images": info.skipped}, step=0)
@@ -258,7 +260,7 @@ def pretrain(cfg: dict, *, out_weights: str, out_metrics: str, import_path: str 
     world = _setup(cfg)
     train_loader, val_loader, info = _data(cfg, world)
     model = _model(cfg, info, world)
-    tracker = _tracker(cfg, "pretrain", world, out_metrics, info)
+    tracker = _tracker(cfg, "pretrain", world, out_metrics, info, weights_out=out_weights)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
     trained = not import_path
@@ -287,7 +289,7 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     model = _model(cfg, info, world)
     _load_weights(model, weights)
     s = cfg["search"]
-    tracker = _tracker(cfg, "search", world, out_metrics, info)
+    tracker = _tracker(cfg, "search", world, out_metrics, info, weights_in=weights, weights_out=out_weights)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
     log_epoch = _epoch_logger(tracker, "search", cfg["epochs"])
@@ -346,7 +348,7 @@ def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
     target = resolve_target(s["target"], model.arch, s["min_channels"])
     masks = run_prune(s["method"], model, target, tolerance=s["tolerance"], min_channels=s["min_channels"])
     record = _masks_record(model.arch, masks, target_macs=target, method=s["method"])
-    tracker = _tracker(cfg, "prune", world, out_masks)  # a store that fails, fails before any output
+    tracker = _tracker(cfg, "prune", world, out_masks, weights_in=weights)  # a store that fails, fails before any output
     atomic_write_json(out_masks, record)
     tracker.metrics({"target_macs": target, "macs": record["macs"]})
     tracker.artifact(out_masks)
@@ -366,7 +368,7 @@ def finetune(cfg: dict, *, weights: str, masks: str, out_weights: str, out_metri
     _check_masks(model, mask_list, masks)
     set_masks(model, mask_list)
     freeze_gates(model)
-    tracker = _tracker(cfg, "finetune", world, out_metrics, info)
+    tracker = _tracker(cfg, "finetune", world, out_metrics, info, weights_in=weights, weights_out=out_weights)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
     rows = _trainer(cfg, model, "finetune", tracker, state, train_loader, val_loader, world,
@@ -400,10 +402,16 @@ def deploy(cfg: dict, *, weights: str, masks: str, out_dir: str) -> dict:
     if not err <= 1e-3:  # a layer whose masked channels do not map to zero (e.g. a sigmoid after a gate)
         raise PasError(f"the compact {cfg['backbone']} differs from the masked one by {err:.2e} (relative); "
                        f"expected <= 1e-3: this network cannot lose its masked channels exactly")
-    tracker = _tracker(cfg, "deploy", world, out_dir)  # a store that fails, fails before any output
+    tracker = _tracker(cfg, "deploy", world, out_dir, weights_in=weights,  # a failing store fails before any output
+                       weights_out=Path(out_dir) / "model.safetensors")
     record = save_deployed(plain, out_dir, compact_rel_err=err)
     for name in ("arch.json", "deploy.json", "model.onnx"):
         tracker.artifact(Path(out_dir) / name, "deployed")
+    # a PaS variant is registered under its name (one version per seed and run); every deployed
+    # network is a logged model
+    t = cfg["tags"]
+    tracker.model(out_dir, normalization={"mean": list(info.mean), "std": list(info.std)} if info.mean else None,
+                  registered_name=t["variant"] if t.get("method") == "pas" and "variant" in t else None)
     tracker.metrics({"macs": record["macs"], "params": record["params"], "compact_rel_err": err})
     tracker.finish(True)
     return record
@@ -427,7 +435,7 @@ def evaluate(cfg: dict, *, arch: str, weights: str, out: str) -> dict:
     result = evaluate_deployed(model, val_loader, batch_sizes=e["batch_sizes"], repeats=e["repeats"],
                                warmup=e["warmup"], threads=e["threads"])
     result.update(backbone=cfg["backbone"], **{k: v for k, v in cfg["tags"].items()})
-    tracker = _tracker(cfg, "evaluate", world, out)  # a store that fails, fails before any output
+    tracker = _tracker(cfg, "evaluate", world, out, weights_in=weights)  # a failing store fails before any output
     atomic_write_json(out, result)
     tracker.metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
     tracker.artifact(out)

@@ -571,11 +571,16 @@ def test_cluster_jobs_write_run_records_that_one_local_rule_ingests(slurm_run):
     again = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.strip() == "0"  # a record is ingested once
 
-    def stored_runs():
+    def stored_runs(parents=False):
+        """The stages' runs, or the networks' parent runs."""
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-        return client.search_runs([client.get_experiment_by_name("pas").experiment_id], max_results=1000)
+        found = client.search_runs([client.get_experiment_by_name("pas").experiment_id], max_results=1000)
+        return [r for r in found if ("stage" in r.data.tags) != parents]
 
     runs = stored_runs()
+    # one parent per table row (PaS-A, uniform@PaS-A, the full backbone, the scratch member)
+    assert sorted(r.info.run_name for r in stored_runs(parents=True)) == sorted(
+        ["PaS-A seed0", "uniform@PaS-A seed0", "repvgg_a0_mini seed0 (full)", "repvgg_a0_mini seed0"])
     stages: dict[str, int] = {}
     for run in runs:
         stages[run.data.tags["stage"]] = stages.get(run.data.tags["stage"], 0) + 1

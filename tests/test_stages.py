@@ -331,8 +331,15 @@ def test_mlflow_runs_tags_metrics_params_artifacts(tmp_path):
     assert client.get_experiment_by_name("pas").experiment_id == exp_id
     # opened in the UI on its training runs, not in the GenAI (traces) view
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    runs = client.search_runs([exp_id])
+    everything = client.search_runs([exp_id])
+    runs = [r for r in everything if "stage" in r.data.tags]
     assert sorted(r.data.tags["stage"] for r in runs) == ["pretrain", "search"]  # one run per stage
+    # the search is a child of network x's parent run and names the pretraining it started from
+    (parent,) = [r for r in everything if "stage" not in r.data.tags]
+    search_tags = next(r.data.tags for r in runs if r.data.tags["stage"] == "search")
+    pretrain_id = next(r.info.run_id for r in runs if r.data.tags["stage"] == "pretrain")
+    assert parent.info.run_name == "x seed0" and search_tags["mlflow.parentRunId"] == parent.info.run_id
+    assert search_tags["pretrain_run_id"] == search_tags["input_run_id"] == pretrain_id
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     by_stage = {}

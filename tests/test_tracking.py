@@ -1,7 +1,9 @@
 """MLflow from plain files: run records are replayed into the store, and rebuild it when deleted."""
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 
@@ -9,9 +11,10 @@ PAS = [sys.executable, "-m", "pas.cli"]
 
 
 def _runs(uri):
+    """The stages' runs (not the networks' parent runs)."""
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("pas")
-    return client, client.search_runs([exp.experiment_id])
+    return client, [r for r in client.search_runs([exp.experiment_id]) if "stage" in r.data.tags]
 
 
 def test_records_rebuild_the_store(tmp_path):
@@ -39,11 +42,26 @@ def test_records_rebuild_the_store(tmp_path):
     history = client.get_metric_history(by_stage["pretrain"].info.run_id, "top1")
     assert [m.step for m in history] == [1]
     assert [a.path for a in client.list_artifacts(by_stage["prune"].info.run_id)] == ["u.json"]
+    # the pruned network's parent run, and the link to the pretraining it started from
+    parent = client.get_run(by_stage["prune"].data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "u40 seed0" and "mlflow.parentRunId" not in by_stage["pretrain"].data.tags
+    assert by_stage["prune"].data.tags["pretrain_run_id"] == by_stage["pretrain"].info.run_id
 
-    (tmp_path / "store" / "mlflow.db").unlink()
+    # the results moved elsewhere (records, outputs), the store deleted: the records alone rebuild it,
+    # with the artifacts read from where they are now
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("store", "art"))
+    for f in tmp_path.glob("u.*"):
+        f.unlink()
+    uri = f"sqlite:///{moved}/store/mlflow.db"
+    ingest = [*PAS, "tracking-ingest", str(moved), "--uri", uri, "--artifact-root", str(moved / "art")]
     assert subprocess.run(ingest, check=True, capture_output=True, text=True).stdout.strip() == "2"
-    _, again = _runs(uri)
+    client, again = _runs(uri)
     assert sorted(r.data.tags["stage"] for r in again) == ["pretrain", "prune"]
+    prune_run = next(r for r in again if r.data.tags["stage"] == "prune")
+    (moved / "downloads").mkdir()
+    downloaded = client.download_artifacts(prune_run.info.run_id, "u.json", str(moved / "downloads"))
+    assert json.loads(Path(downloaded).read_text()) == masks
 
 
 def test_ingest_skips_runs_the_jobs_logged_directly(tmp_path):

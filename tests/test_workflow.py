@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 import pas.models
-from tests.slurm_cluster import run_in_own_group
+from tests.slurm_cluster import kill_group, run_in_own_group
 from pas.search import resolve_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,14 +206,19 @@ def test_every_rule_logged_and_benchmarked(tiny_run):
         assert header.split("\t")[0] == "s" and float(row.split("\t")[0]) >= 0
 
 
-def test_mlflow_has_one_run_per_stage_and_network(tiny_run):
+def _store(tiny_run):
     import mlflow
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'results' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("pas")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, exp, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_mlflow_has_one_run_per_stage_and_network(tiny_run):
+    client, exp, runs = _store(tiny_run)
     by_stage: dict[str, list] = {}
     for run in runs:
-        by_stage.setdefault(run.data.tags["stage"], []).append(run)
+        if "stage" in run.data.tags:
+            by_stage.setdefault(run.data.tags["stage"], []).append(run)
     cfg = tiny_config()
     rows = expected_rows(cfg)
     n_variants, n_methods = len(cfg["variants"]), len(cfg["baselines"]["methods"])
@@ -233,6 +238,64 @@ def test_mlflow_has_one_run_per_stage_and_network(tiny_run):
                             "masks.json").read_text())
         assert run.data.metrics["target_macs"] == masks["target_macs"] >= masks["macs"]
         assert run.data.metrics["macs"] == masks["macs"]  # the final masks', not the last epoch's gated MACs
+
+
+def test_mlflow_nests_each_networks_stages_under_one_parent_run(tiny_run):
+    """One parent run per table row (network and seed) holding its stages; the backbones'
+    pretraining runs stand alone and every stage that starts from one names it; the parent shows
+    the evaluation's metrics."""
+    client, _, runs = _store(tiny_run)
+    by_id = {r.info.run_id: r for r in runs}
+    parents = {r.info.run_id: r for r in runs if "stage" not in r.data.tags}
+    rows = expected_rows(tiny_config())
+    assert sorted((p.data.tags["method"], p.data.tags["variant"]) for p in parents.values()) == sorted(rows)
+    assert all(p.info.status == "FINISHED" and p.info.run_name.startswith(f"{p.data.tags['variant']} seed0")
+               for p in parents.values())
+    pretrained = {r.data.tags["backbone"]: r.info.run_id for r in runs
+                  if r.data.tags.get("stage") == "pretrain" and r.data.tags["method"] == "pretrain"}
+    assert len(pretrained) == 2
+    for run in runs:
+        tags = run.data.tags
+        if "stage" not in tags or tags["method"] == "pretrain":
+            assert "mlflow.parentRunId" not in tags
+            continue
+        parent = parents[tags["mlflow.parentRunId"]]
+        assert (parent.data.tags["variant"], parent.data.tags["method"]) == (tags["variant"], tags["method"])
+        assert run.info.run_name == f"{tags['variant']} seed0/{tags['stage']}"
+        if tags["method"] != "scratch":  # everything else starts, through its stages, from a pretraining
+            assert tags["pretrain_run_id"] == pretrained[tags["backbone"]], run.info.run_name
+        if tags["stage"] == "evaluate":
+            assert parent.data.metrics["top1"] == run.data.metrics["top1"]
+            assert by_id[tags["input_run_id"]].data.tags["stage"] == "deploy"
+
+
+def test_pas_variants_are_registered_models_that_load_back(tiny_run):
+    """Each PaS variant is a registered model (ONNX flavour) whose version 1 loads through MLflow
+    (`models:/PaS-A/1`, onnxruntime underneath) and gives the compact PyTorch network's outputs;
+    the evaluation's metrics are linked to the model."""
+    import mlflow
+    from pas.deploy import load_deployed
+    client, exp, _ = _store(tiny_run)
+    names = sorted(m.name for m in client.search_registered_models())
+    assert names == sorted(v["name"] for v in tiny_config()["variants"])
+    mlflow.set_tracking_uri(client.tracking_uri)
+    for name in names:
+        (version,) = client.search_model_versions(f"name = '{name}'")
+        assert version.tags["seed"] == "0"
+        logged = client.get_logged_model(version.source.rsplit("/", 1)[-1])  # models:/<model id>
+        assert {m.key for m in logged.metrics} >= {"top1", "macs"}
+        d = tiny_run / "results" / "seed0" / "models" / "pas" / name / "deploy"
+        torch_net = load_deployed(d / "arch.json", d / "model.safetensors").eval()
+        a = torch_net.arch
+        x = np.random.default_rng(1).standard_normal((3, a.in_channels, a.resolution, a.resolution)).astype(np.float32)
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}/1")
+        ours = loaded.predict({"input": x})["logits"]
+        import torch
+        with torch.no_grad():
+            reference = torch_net(torch.from_numpy(x)).numpy()
+        assert np.abs(ours - reference).max() <= 1e-5 * max(1.0, np.abs(reference).max())
+        meta = loaded.metadata.metadata
+        assert meta["arch"] == json.loads((d / "arch.json").read_text()) and len(meta["normalization"]["mean"]) == 1
 
 
 def test_a_second_run_has_nothing_to_do(tiny_run):
@@ -266,14 +329,24 @@ def test_report_is_one_html_file(tiny_run):
     assert len(html) > 100_000 and "main.csv" in html and "accuracy_latency.png" in html
 
 
-def test_mlflow_server_serves_every_stage_with_metrics_and_artifacts(tiny_run):
+def test_mlflow_server_serves_runs_models_and_artifacts_of_a_moved_store(tiny_run, tmp_path):
+    """The store and its artifacts copied elsewhere (results/ moved) and served by `mlflow server
+    --serve-artifacts`: through the REST API, every stage's run with its metrics under its
+    network's parent run, the registered PaS variants with their versions, and an artifact
+    downloaded over HTTP byte for byte."""
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy2(tiny_run / "results" / "mlflow.db", moved / "mlflow.db")
+    shutil.copytree(tiny_run / "results" / "mlflow-artifacts", moved / "mlflow-artifacts")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    db = tiny_run / "results" / "mlflow.db"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tiny_run)
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{moved / 'mlflow.db'}", "--serve-artifacts", "--artifacts-destination",
+                               str(moved / "mlflow-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                              start_new_session=True)  # the server and its workers: one group to stop
     base = f"http://127.0.0.1:{port}"
 
     def call(path, body=None):
@@ -295,30 +368,38 @@ def test_mlflow_server_serves_every_stage_with_metrics_and_artifacts(tiny_run):
         exp = call("/api/2.0/mlflow/experiments/get-by-name?experiment_name=pas")["experiment"]
         runs = call("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]],
                                                     "max_results": 1000})["runs"]
-        expected_metric = {"pretrain": "final_top1", "search": "target_macs", "prune": None,
+        tags_of = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+        parents = {i for i, t in tags_of.items() if "stage" not in t}
+        assert len(parents) == len(expected_rows(tiny_config()))
+        expected_metric = {"pretrain": "final_top1", "search": "target_macs", "prune": "macs",
                            "finetune": "final_top1", "deploy": "macs", "evaluate": "top1"}
-        expected_artifact = {"pretrain": "metrics.json", "search": "history.json", "finetune": "metrics.json",
-                             "deploy": "deployed", "evaluate": "eval.json", "prune": None}
         seen = set()
         for run in runs:
-            tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
-            stage = tags["stage"]
-            seen.add(stage)
-            metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
-            if expected_metric[stage]:
-                assert expected_metric[stage] in metrics, (stage, sorted(metrics))
-            if expected_artifact[stage]:
-                listed = call(f"/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
-                names = {Path(f["path"]).name for f in listed.get("files", [])}
-                assert expected_artifact[stage] in names, (stage, names)
+            tags = tags_of[run["info"]["run_id"]]
+            if "stage" not in tags:
+                continue
+            seen.add(tags["stage"])
+            metrics = {m["key"] for m in run["data"].get("metrics", [])}
+            assert expected_metric[tags["stage"]] in metrics, (tags["stage"], sorted(metrics))
+            if tags["method"] != "pretrain":
+                assert tags["mlflow.parentRunId"] in parents
         assert seen == set(STAGES)
+
+        models = call("/api/2.0/mlflow/registered-models/search?max_results=100")["registered_models"]
+        assert sorted(m["name"] for m in models) == sorted(v["name"] for v in tiny_config()["variants"])
+        for m in models:
+            versions = call(f"/api/2.0/mlflow/model-versions/search?filter=name%3D%27{m['name']}%27")["model_versions"]
+            assert [v["version"] for v in versions] == ["1"]
+            assert tags_of[versions[0]["run_id"]]["stage"] == "deploy"
+
+        # an artifact of a PaS variant's evaluation, over HTTP from the moved folder
+        run_id = next(i for i, t in tags_of.items() if t.get("stage") == "evaluate" and t["method"] == "pas")
+        local = tiny_run / "results" / "seed0" / "models" / "pas" / tags_of[run_id]["model"] / "eval.json"
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow-artifacts/artifacts/{run_id}/artifacts/eval.json",
+                                    timeout=10) as r:
+            assert r.read() == local.read_bytes()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        kill_group(server, grace_s=20)
 
 
 # -- without running jobs --------------------------------------------------------------------
