@@ -54,6 +54,7 @@ SCHEMA: dict = {
         "alpha": (float, 14.0, "scale-free penalty weight (paper's 0.1 in GMACs^-2 on B1 ~= 14)"),
         "min_channels": (int, 1, "channels every layer keeps at least"),
         "tolerance": (float, 0.01, "allowed relative distance of the final MACs to the target"),
+        "channel_multiple": (int, 1, "every searched width a multiple of it (8 or 16: hardware channel blocks)"),
         "history_every": (int, 10, "record kept widths and MACs every N steps"),
         "method": (str, "pas", "pas | uniform | bn_gamma | l1 (pas prune: full = all-ones masks)"),
     },
@@ -95,7 +96,8 @@ def _check(value, spec, key: str):
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         raise PasError(f"config key {key!r} must be {_type_name(spec[0])}, got {value!r}")
-    if key in ("epochs", "batch_size", "search.history_every", "evaluate.repeats") and value < (0 if key == "epochs" else 1):
+    if key in ("epochs", "batch_size", "search.history_every", "evaluate.repeats", "search.channel_multiple") \
+            and value < (0 if key == "epochs" else 1):
         raise PasError(f"config key {key!r} must be {'>= 0' if key == 'epochs' else '>= 1'}, got {value!r}")
     return value
 

@@ -299,7 +299,8 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
 
     result = run_search(model, train_loader, target=s["target"], epochs=cfg["epochs"],
                         optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
-                        tolerance=s["tolerance"], history_every=s["history_every"], val_loader=val_loader,
+                        tolerance=s["tolerance"], channel_multiple=s["channel_multiple"],
+                        history_every=s["history_every"], val_loader=val_loader,
                         seed=cfg["seed"], state_path=state, fingerprint=_fingerprint(cfg, weights, *_data_inputs(cfg)),
                         world=world, progress=_progress(cfg),
                         on_epoch=on_epoch)
@@ -307,7 +308,8 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     if not world.main:
         return {}
     record = _masks_record(model.arch, result.masks, target_macs=result.target_macs,
-                           searched_macs=result.searched_macs, method="pas")
+                           searched_macs=result.searched_macs, method="pas",
+                           channel_multiple=s["channel_multiple"])
     atomic_write_json(out_masks, record)
     atomic_write_json(out_history, {"layers": len(result.masks), "full_widths": model.arch.searchable_widths(),
                                     "layer_sizes": model.arch.searchable_sizes(),
@@ -327,7 +329,7 @@ def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
     """Baseline masks (uniform, bn_gamma, l1) at the configured target, from pretrained weights;
     `full`: all-ones masks, so a reference network deploys through the same fuse + compact path
     (no weights needed, no MLflow run: the reference's deploy and evaluate runs are its record)."""
-    from pas.pruners import prune as run_prune
+    from pas.pruners import run_pruner
     from pas.search import resolve_target
     s = cfg["search"]
     if s["method"] != "full" and not weights:
@@ -343,9 +345,11 @@ def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
         atomic_write_json(out_masks, record)
         return record
     _load_weights(model, weights)
-    target = resolve_target(s["target"], model.arch, s["min_channels"])
-    masks = run_prune(s["method"], model, target, tolerance=s["tolerance"], min_channels=s["min_channels"])
-    record = _masks_record(model.arch, masks, target_macs=target, method=s["method"])
+    target = resolve_target(s["target"], model.arch, s["min_channels"], s["channel_multiple"])
+    landing = run_pruner(s["method"], model, target, channel_multiple=s["channel_multiple"],
+                         tolerance=s["tolerance"], min_channels=s["min_channels"])
+    record = _masks_record(model.arch, landing.masks, target_macs=target, method=s["method"],
+                           channel_multiple=s["channel_multiple"])
     tracker = _tracker(cfg, "prune", world, out_masks)  # a store that fails, fails before any output
     atomic_write_json(out_masks, record)
     tracker.metrics({"target_macs": target, "macs": record["macs"]})

@@ -1,6 +1,7 @@
 """PaS: the gate's estimator, gated MACs, compaction, targets, baselines, a real short search."""
 import pytest
 import torch
+from torch import nn
 
 import pas.models as M
 from pas.compact import compact
@@ -8,25 +9,17 @@ from pas.errors import PasError
 from pas.flops import ptflops_macs
 from pas.gates import DBCGate, attach_gates, freeze_gates, gated_macs, gates_of, set_masks
 from pas.pruners import prune
-from pas.search import MacsPenalty, adjust_masks, resolve_target
-from tests.helpers import randomize_bn, rel_err
+from pas.landing import adjust_masks
+from pas.search import MacsPenalty, resolve_target, search
+from tests.helpers import random_masks, randomize_bn, rel_err
 
 SMALL = {"in_channels": 1, "resolution": 28, "num_classes": 10}
-SEARCHABLE = ["repvgg_a0_mini", "repvgg_b1_mini", "mobilenetv2_mini", "repvgg_a0", "mobilenetv2_050"]
+SEARCHABLE = ["repvgg_a0_mini", "repvgg_b1_mini", "mobilenetv2_mini", "repvgg_a0", "mobilenetv2_050",
+              "repvgg_b1g2", "repvgg_b1g4", "repvgg_b2g4"]
 
 
 def kwargs(name):
     return SMALL if name.endswith("_mini") else {"in_channels": 3, "resolution": 40, "num_classes": 10}
-
-
-def random_masks(model, p=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for w in model.arch.searchable_widths():
-        m = torch.rand(w, generator=g) < p
-        m[torch.randint(w, (1,), generator=g)] = True
-        out.append(m)
-    return out
 
 
 def test_estimator_gradient_is_identity_and_a_pruned_gate_revives():
@@ -61,18 +54,18 @@ def test_gates_on_every_block_and_every_expansion():
     mb = M.build("mobilenetv2_100")
     assert [g.weight.numel() for g in attach_gates(mb)] == mb.arch.searchable_widths()
     assert len(gates_of(mb)) == 16  # every block but the first, which has no expansion
-    # grouped convs cannot take arbitrary widths: every layer next to one keeps its width, only the
-    # stem (feeding the dense layer 1) and the last layer (feeding the classifier) are searched
+    # grouped convs (layers 2, 4, ..., 26) keep their groups: every layer they read or write is
+    # searched in 2 equal blocks (layer 1 is read by layer 2; the stem and the last layer are not)
     g2 = M.arch_for("repvgg_b1g2")
-    assert g2.group_names() == ["blocks.0", "blocks.27"]
-    assert g2.graph.groups[2].reason == "grouped conv blocks.2 (groups=2)"
+    assert g2.group_names() == [f"blocks.{i}" for i in range(28)]
+    assert g2.blocks() == [1] + [2] * 26 + [1]
 
 
 @pytest.mark.parametrize("name", SEARCHABLE)
 def test_compact_equals_masked_and_macs_agree_three_ways(name):
     kw = kwargs(name)
     model = randomize_bn(M.build(name, **kw)).eval()
-    masks = random_masks(model)
+    masks = random_masks(model.arch.full_widths(), model.arch.blocks())
     set_masks(model, masks)
     x = torch.randn(2, kw["in_channels"], kw["resolution"], kw["resolution"])
     small = compact(model).eval()
@@ -232,3 +225,26 @@ def test_amp_loss_scale_survives_a_resume(tmp_path):
     assert resumed.load_state() and resumed.start_epoch == 3
     assert resumed.scaler.get_scale() == 2.0 ** 19
     assert resumed.scaler.state_dict() == first.scaler.state_dict()
+
+
+@pytest.mark.parametrize("name", ["repvgg_b1g2", "repvgg_b1g4", "repvgg_b2g4"])
+def test_grouped_members_search_land_and_compact(name):
+    """A short search (4 steps on random images at 32 px) lands every grouped member on its target
+    with every layer next to a grouped conv in whole groups; the compact network is the masked one."""
+    torch.manual_seed(0)
+    kw = {"in_channels": 3, "resolution": 32, "num_classes": 10}
+    model = randomize_bn(M.build(name, **kw))
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(4)]
+    result = search(model, batches, target="45%", epochs=1)
+    assert result.target_macs * 0.99 <= result.macs <= result.target_macs
+    widths, blocks = [int(m.sum()) for m in result.masks], model.arch.blocks()
+    assert blocks == [1] + [int(name[-1])] * 26 + [1]
+    for mask, b in zip(result.masks, blocks):  # the same count in every block
+        assert len(set(mask.view(b, -1).sum(1).tolist())) == 1
+    small = compact(model.eval()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(model(x), small(x)) <= 1e-4
+    assert small.arch.searchable_widths() == widths
+    assert small.arch.macs() == result.macs == ptflops_macs(small, 3, 32)
+    assert sum(p.numel() for p in small.parameters()) == small.arch.params()

@@ -98,6 +98,7 @@ def test_search_masks_land_on_target(chain):
     assert m["macs"] == a.macs(m["widths"])
     assert all(w >= 1 for w in m["widths"])
     assert m["method"] == "pas"
+    assert m["channel_multiple"] == 1
 
 
 def test_search_history_records_widths_and_macs(chain):
@@ -187,6 +188,21 @@ def test_prune_baselines_land_on_target(chain, method, tmp_path):
     if method == "uniform":  # one width factor for all layers: every layer keeps about half
         ratios = [w / f for w, f in zip(m["widths"], m["full_widths"])]
         assert max(ratios[2:]) - min(ratios[2:]) <= 0.25
+
+
+def test_prune_widths_are_multiples_of_search_channel_multiple(chain, tmp_path):
+    """repvgg_a0_mini's widths 6, 6, 12, 12, 24, 24, 24, 160 with channel_multiple 4: 4 or 6 (its full
+    width), 4, 8 or 12, ... ; the config key reaches the pruner through the stage."""
+    out = tmp_path / "uniform.json"
+    pas("prune", "--config", chain / "cfg.yaml", "--set", "search.method=uniform", "--set", "search.channel_multiple=4",
+        "--weights", chain / "pre/w.pt", "--out-masks", out, cwd=tmp_path)
+    m = load(out)
+    assert m["channel_multiple"] == 4 and 0.99 * m["target_macs"] <= m["macs"] <= m["target_macs"]
+    assert all(w % 4 == 0 or w == f for w, f in zip(m["widths"], m["full_widths"])), m["widths"]
+    bad = pas("prune", "--config", chain / "cfg.yaml", "--set", "search.channel_multiple=0", "--weights",
+              chain / "pre/w.pt", "--out-masks", out, cwd=tmp_path, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr == "pas: error: config key 'search.channel_multiple' must be >= 1, got 0\n"
 
 
 # -- resume after kill -9 ------------------------------------------------------------------------
