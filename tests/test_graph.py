@@ -296,13 +296,13 @@ def test_baselines_work_per_group_on_any_network(method, name, kw):
 
 
 def test_l1_score_of_a_trunk_sums_its_producers_with_bn_folded():
-    from pas.pruners import bn_gamma_scores, l1_scores
+    from pas.pruners import bn_gamma_scores, filter_l1
     model = randomize_bn(M.build("resnet10_mini", **SMALL)).eval()
     trunk = 0  # conv1 (stem) and layer1.0.conv2 share the trunk of stage 1
     scale = lambda bn: bn.weight / torch.sqrt(bn.running_var + bn.eps)  # noqa: E731
     expected = sum((conv.weight.abs().flatten(1).sum(1) * scale(bn).abs())
                    for conv, bn in ((model.conv1, model.bn1), (model.layer1[0].conv2, model.layer1[0].bn2)))
-    torch.testing.assert_close(l1_scores(model)[trunk], expected.detach())
+    torch.testing.assert_close(filter_l1(model)[trunk], expected.detach())
     torch.testing.assert_close(bn_gamma_scores(model)[trunk],
                                (model.bn1.weight.abs() + model.layer1[0].bn2.weight.abs()).detach())
 

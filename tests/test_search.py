@@ -188,15 +188,16 @@ def test_tag_overrides_accumulate():
 
 
 def test_landing_swaps_channels_when_only_expensive_ones_were_dropped():
-    """L1 scores of a randomly initialised repvgg_b0_mini drop only channels of expensive layers on
-    the way to 1.0M MACs: adding any of them back overshoots and the greedy pass alone ends 1.05%
-    short. Swapping a dropped channel in and a kept channel of another layer out lands within 1%."""
-    from pas.pruners import l1_scores
+    """Raw L1 norms of a randomly initialised repvgg_b0_mini (they grow with fan-in) drop only
+    channels of expensive layers on the way to 1.0M MACs: adding any of them back overshoots and the
+    greedy pass alone ends 1.05% short. Swapping a dropped channel in and a kept channel of another
+    layer out lands within 1%."""
+    from pas.pruners import filter_l1
     torch.manual_seed(0)
     model = M.build("repvgg_b0_mini", num_classes=10, in_channels=1, resolution=28)
     arch, target = model.arch, 1_000_000
     everything = [torch.ones(w, dtype=torch.bool) for w in arch.searchable_widths()]
-    scores = l1_scores(model)
+    scores = filter_l1(model)
     with pytest.raises(PasError, match=r"cannot reach target 1000000 MACs within 1.0%: the closest mask gives 989548"):
         adjust_masks(arch, everything, scores, target, max_swaps=0)
     masks = adjust_masks(arch, everything, scores, target)
@@ -225,6 +226,43 @@ def test_amp_loss_scale_survives_a_resume(tmp_path):
     assert resumed.load_state() and resumed.start_epoch == 3
     assert resumed.scaler.get_scale() == 2.0 ** 19
     assert resumed.scaler.state_dict() == first.scaler.state_dict()
+
+
+class _Stack(nn.Module):
+    """Plain 3x3/1x1 convs of fan-in 27, 64, 576, 1152 and 128 (widths 64, 64, 128, 128, 96)."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for w, k in zip((64, 64, 128, 128, 96), (3, 1, 3, 3, 1)):
+            layers += [nn.Conv2d(c, w, k, padding=k // 2, bias=False), nn.ReLU()]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_l1_keeps_about_the_same_share_of_layers_with_equally_distributed_weights(seed):
+    """Every weight drawn from U(-1, 1), whatever the layer's fan-in: nothing tells the layers apart,
+    so a fair magnitude criterion keeps about the same share of each (measured spread <= 0.1 over
+    seeds 0-4). Raw L1 norms grow with fan-in: they keep the 1152-fan-in layer whole, most of the
+    576-fan-in one, and cut the others to a few channels."""
+    from pas.graph.network import describe
+    from pas.pruners import filter_l1, magnitude_masks
+    torch.manual_seed(seed)
+    model = _Stack()
+    for m in model.features:
+        if isinstance(m, nn.Conv2d):
+            nn.init.uniform_(m.weight, -1.0, 1.0)
+    describe(model, (3, 8, 8))
+    target = resolve_target("50%", model.arch)
+    shares = [int(m.sum()) / m.numel() for m in prune("l1", model, target)]
+    assert max(shares) - min(shares) <= 0.12, shares
+    raw = [int(m.sum()) / m.numel() for m in magnitude_masks(model, target, filter_l1(model)).masks]
+    assert raw[2] >= 0.75 and raw[3] == 1.0 and max(raw[0], raw[1], raw[4]) <= 0.1, raw
 
 
 @pytest.mark.parametrize("name", ["repvgg_b1g2", "repvgg_b1g4", "repvgg_b2g4"])
