@@ -6,9 +6,14 @@ The paper writes alpha * (MACs - target)^2 with MACs in GMACs and alpha = 0.1 on
 The same alpha then means the same pull on a 4 MMACs network for 28x28 images, so one default
 (DEFAULT_ALPHA) serves the ImageNet B1 search and the embedded default alike.
 
-The MACs count every layer at the width the landing will see: each kept count rounded to its
-nearest allowed width (`pas.landing.WidthRule`: search.channel_multiple, grouped convs), the gradient
-straight through.
+The gradient of the penalty: MACs(b) = sum over layers of n_in * n_out * k^2 * H * W / groups (the
+classifier: n_in * classes). With penalty_gradient "both" (the default) a group's kept count n_l gets
+the gradient of every term it appears in, as output and as input width; with "output" (the authors'
+code) every input factor is detached, so n_l is pulled only by the layers that write it:
+    both:   dMACs/dn_l = sum over layers writing l of n_in k^2 H W / g + sum over layers reading l of n_out k^2 H W / g
+    output: dMACs/dn_l = sum over layers writing l of n_in k^2 H W / g.
+The kept counts are those the landing will see: each rounded to its nearest allowed width
+(`pas.landing.WidthRule`: search.channel_multiple, grouped convs), the gradient straight through.
 
 Landing on the target: the soft penalty leaves the masks near, not at, the target (CE pulls
 upwards, and one channel is a coarse step in a small network). After the search, `pas.landing.land`
@@ -33,6 +38,7 @@ from pas.graph.network import Network
 from pas.landing import DEFAULT_TOLERANCE, Landing, WidthRule, land
 
 DEFAULT_ALPHA = 14.0
+PENALTY_GRADIENTS = ("both", "output")
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
 
@@ -72,22 +78,31 @@ def resolve_target(target, arch: Network, min_channels: int = 1, channel_multipl
     return int(round(macs))
 
 
+def check_penalty_gradient(penalty_gradient) -> None:
+    if penalty_gradient not in PENALTY_GRADIENTS:
+        raise PasError(f"penalty_gradient {penalty_gradient!r} is unknown; expected one of "
+                       f"{', '.join(PENALTY_GRADIENTS)}")
+
+
 class MacsPenalty(nn.Module):
     """alpha * ((MACs(b) - target) / MACs_full)^2, two-sided, differentiable through the gates.
 
-    MACs(b) counts every layer at the nearest allowed width of its kept count (`rule`).
+    MACs(b) counts every layer at the nearest allowed width of its kept count (`rule`); the gradient
+    flows through both widths of every layer, or only through its output width (module docstring).
     """
 
     def __init__(self, arch: Network, target_macs: int, alpha: float = DEFAULT_ALPHA, *,
-                 rule: WidthRule | None = None):
+                 rule: WidthRule | None = None, penalty_gradient: str = "both"):
         super().__init__()
+        check_penalty_gradient(penalty_gradient)
         self.arch, self.target, self.alpha = arch, int(target_macs), float(alpha)
         self.full = int(arch.macs())
         self.rule = rule or WidthRule(arch)
+        self.input_grad = penalty_gradient == "both"
 
     def forward(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         kept = self.rule.estimate([g.kept() for g in gates_of(model)])
-        macs = self.arch.gated_macs(kept)
+        macs = self.arch.gated_macs(kept, input_grad=self.input_grad)
         return self.alpha * ((macs - self.target) / self.full) ** 2, macs
 
 
@@ -105,7 +120,7 @@ class SearchResult:
 def search(model: nn.Module, train_loader, *, target, example_input: torch.Tensor | None = None,
            epochs: int = 10, optim=None,
            alpha: float = DEFAULT_ALPHA, min_channels: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-           channel_multiple: int = 1,
+           channel_multiple: int = 1, penalty_gradient: str = "both",
            history_every: int = 10, val_loader=None, seed: int = 0, state_path=None, fingerprint=None, on_epoch=None,
            world=None, progress: bool = False) -> SearchResult:
     """Train weights and DBC gates jointly on CE + MACs penalty, then land on the target.
@@ -115,8 +130,10 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
     `train_loader` is an iterable of (x, y) batches, or `train_loader(epoch)` returns one epoch's.
     Gates are attached if the model has none. On return the gates realise the final masks (also in
     `SearchResult.masks`); `pas.compact.compact(model)` then gives the compact network.
-    `channel_multiple`: every width a multiple of it (`pas.landing`).
+    `channel_multiple`: every width a multiple of it (`pas.landing`); `penalty_gradient`: "both" or
+    "output" (module docstring).
     """
+    check_penalty_gradient(penalty_gradient)
     if example_input is not None and not isinstance(getattr(model, "arch", None), Network):
         from pas.graph.network import describe
         describe(model, example_input)
@@ -128,7 +145,7 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
         train_loader = lambda epoch: batches  # noqa: E731
     if not has_gates(model):
         attach_gates(model, min_channels=min_channels)
-    penalty = MacsPenalty(arch, target_macs, alpha, rule=rule)
+    penalty = MacsPenalty(arch, target_macs, alpha, rule=rule, penalty_gradient=penalty_gradient)
     trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=epochs,
                       optim=optim or OptimConfig(lr=0.02, schedule="constant"), seed=seed,
                       state_path=state_path, fingerprint=fingerprint, penalty=penalty, on_epoch=on_epoch, world=world,

@@ -300,7 +300,7 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     result = run_search(model, train_loader, target=s["target"], epochs=cfg["epochs"],
                         optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
                         tolerance=s["tolerance"], channel_multiple=s["channel_multiple"],
-                        history_every=s["history_every"], val_loader=val_loader,
+                        penalty_gradient=s["penalty_gradient"], history_every=s["history_every"], val_loader=val_loader,
                         seed=cfg["seed"], state_path=state, fingerprint=_fingerprint(cfg, weights, *_data_inputs(cfg)),
                         world=world, progress=_progress(cfg),
                         on_epoch=on_epoch)

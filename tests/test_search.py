@@ -228,6 +228,52 @@ def test_amp_loss_scale_survives_a_resume(tmp_path):
     assert resumed.scaler.state_dict() == first.scaler.state_dict()
 
 
+class _TwoLayers(nn.Module):
+    """conv1 (3 -> 4, 3x3) on 8x8, conv2 (4 -> 6, 3x3, stride 2) to 4x4, pool, fc (6 -> 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("penalty_gradient", ["output", "both"])
+def test_penalty_gradient_through_the_output_width_or_both(penalty_gradient):
+    """MACs(n1, n2) = 3*n1*9*64 + n1*n2*9*16 + n2*2 = 1728 n1 + 144 n1 n2 + 2 n2 (full: 10380).
+    At n1 = 3, n2 = 5: MACs = 5184 + 2160 + 10 = 7354; target 5190, alpha 14:
+    dP/dMACs = 2 * 14 * (7354 - 5190) / 10380^2. Straight-through, each gate weight of a layer gets
+    dP/dMACs * dMACs/dn:  output: dMACs/dn1 = 1728 (conv2's input factor detached), dMACs/dn2 = 144*3
+    (the classifier's input detached);  both: 1728 + 144*5 and 144*3 + 2."""
+    from pas.graph.network import describe
+    model = _TwoLayers()
+    describe(model, (3, 8, 8))
+    gates = attach_gates(model)
+    with torch.no_grad():
+        gates[0].weight[3] = 0.2
+        gates[1].weight[5] = 0.2
+    value, macs = MacsPenalty(model.arch, 5190, alpha=14.0, penalty_gradient=penalty_gradient)(model)
+    assert int(macs) == 7354
+    value.backward()
+    outer = 2 * 14 * (7354 - 5190) / 10380 ** 2
+    d1, d2 = (1728, 144 * 3) if penalty_gradient == "output" else (1728 + 144 * 5, 144 * 3 + 2)
+    assert gates[0].weight.grad.tolist() == pytest.approx([outer * d1] * 4, rel=1e-6)
+    assert gates[1].weight.grad.tolist() == pytest.approx([outer * d2] * 6, rel=1e-6)
+
+
+def test_penalty_gradient_must_be_known():
+    with pytest.raises(PasError, match=r"penalty_gradient 'input' is unknown; expected one of both, output"):
+        MacsPenalty(M.arch_for("repvgg_a0_mini", **SMALL), 10, penalty_gradient="input")
+    from pas.config import load_config
+    assert load_config(None, [])["search"]["penalty_gradient"] == "both"
+    with pytest.raises(PasError, match=r"key 'search.penalty_gradient' must be one of both, output, got 'input'"):
+        load_config(None, ["search.penalty_gradient=input"])
+
+
 class _Stack(nn.Module):
     """Plain 3x3/1x1 convs of fan-in 27, 64, 576, 1152 and 128 (widths 64, 64, 128, 128, 96)."""
 

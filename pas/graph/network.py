@@ -96,18 +96,24 @@ class Network:
             return total
         return kept
 
-    def macs(self, widths=None):
-        """Deploy MACs (conv + linear, no bias) with these kept counts (ints or tensors) per searched group."""
+    def macs(self, widths=None, *, input_grad: bool = True):
+        """Deploy MACs (conv + linear, no bias) with these kept counts (ints or tensors) per searched group.
+
+        A layer's cost is C_in * C_out * ...: with tensor widths, `input_grad=False` detaches its input
+        width C_in, so that a group's gradient comes only from the layers whose output it is (the
+        authors' code); a depth-wise conv's single width is its output's.
+        """
         kept, total = self._kept(widths), 0
+        inputs = kept if input_grad else lambda layout: _detached(kept(layout))
         for layer in self.graph.layers:
             h, w = layer.out_hw
             if layer.kind in ("conv", "grouped"):
-                total = total + conv_macs(kept(layer.in_layout), kept(layer.out_layout), layer.kernel, h, w,
+                total = total + conv_macs(inputs(layer.in_layout), kept(layer.out_layout), layer.kernel, h, w,
                                           layer.groups)
             elif layer.kind == "depthwise":
                 total = total + depthwise_macs(kept(layer.out_layout), layer.kernel, h, w)
             elif layer.kind == "linear":
-                total = total + fc_macs(kept(layer.in_layout) * layer.factor, kept(layer.out_layout))
+                total = total + fc_macs(inputs(layer.in_layout) * layer.factor, kept(layer.out_layout))
         return total
 
     def params(self, widths=None) -> int:
@@ -130,9 +136,9 @@ class Network:
                 total += out
         return int(total)
 
-    def gated_macs(self, kept_counts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def gated_macs(self, kept_counts: Sequence[torch.Tensor], *, input_grad: bool = True) -> torch.Tensor:
         """MACs with differentiable kept counts (float64: float32 is not exact above 2^24)."""
-        return self.macs([k.double() for k in kept_counts])
+        return self.macs([k.double() for k in kept_counts], input_grad=input_grad)
 
     # -- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -140,6 +146,10 @@ class Network:
                 "in_channels": self.in_channels, "num_classes": self.num_classes, "resolution": self.resolution,
                 "widths": self.searchable_widths(), "full_widths": self.full_widths(),
                 "groups": self.group_names()}
+
+
+def _detached(width):
+    return width.detach() if isinstance(width, torch.Tensor) else width
 
 
 def block_mask(size: int, blocks: int, width: int) -> torch.Tensor:
