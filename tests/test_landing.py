@@ -172,3 +172,12 @@ def test_landing_errors_name_the_step_and_the_remedy():
                                        r"\d+ MACs; widths move in steps of \[16\] channels \(channel_multiple 16"):
         run_pruner("uniform", model, 850912, channel_multiple=16)
 
+
+def test_a_landing_that_moved_more_than_5_percent_is_a_warning(capsys):
+    from pas.landing import Landing
+    from pas.stages import _warn_if_unconverged
+    _warn_if_unconverged(Landing([], 9824, 15000, 6, 0.2639))
+    assert capsys.readouterr().err == ("[search] warning: the landing moved 26.4% of the full network's MACs (15000 -> "
+                                       "9824, 6 channels): the search did not converge: more steps or a larger alpha\n")
+    _warn_if_unconverged(Landing([], 9824, 10500, 2, 0.0345))
+    assert capsys.readouterr().err == ""
