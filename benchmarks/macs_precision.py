@@ -11,9 +11,10 @@ import argparse
 import torch
 import yaml
 
+from pas.landing import adjust_masks
 from pas.models import build
 from pas.pruners import prune
-from pas.search import adjust_masks, resolve_target
+from pas.search import resolve_target
 
 
 def targets_from_config(path: str) -> list[tuple[str, str, int, object]]:

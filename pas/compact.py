@@ -5,6 +5,12 @@ prunable groups correspond one to one, in graph order, to those of the training 
 linear and norm layer then keeps the rows of its kept output channels and the columns of its kept
 input channels. This is exact because a gate zeroes a masked channel wherever it is produced (after
 the BN that follows a conv, after a fused block): what a masked channel contributes downstream is 0.
+
+A grouped conv (g groups) stays one with g groups: its weight is (C_out, C_in/g, k, k) and output row
+o reads the columns of its own input block o // (C_out/g). It needs every input block to keep the
+same number k_in of channels and every output block the same number k_out (`pas.landing` lands on
+such masks); then row o keeps the k_in columns kept in its own block, which may be other positions
+than in the next block, and the compact weight is (g * k_out, k_in, k, k).
 """
 from __future__ import annotations
 
@@ -111,13 +117,36 @@ def _shrunk(old: nn.Module, layer: Layer, keep_in: torch.Tensor, keep_out: torch
             new.bias.copy_(old.bias[keep_out])
         return new
     if layer.kind == "grouped":
-        raise PasError(f"grouped conv {layer.module} cannot lose channels")
+        return _shrunk_grouped(old, layer, keep_in, keep_out)
     depthwise = layer.kind == "depthwise"
     c_in, c_out = int(keep_in.sum()), int(keep_out.sum())
     new = nn.Conv2d(c_in, c_out, old.kernel_size, old.stride, old.padding, old.dilation,
                     groups=c_out if depthwise else 1, bias=old.bias is not None, padding_mode=old.padding_mode)
     weight = old.weight[keep_out]
     new.weight.copy_(weight if depthwise else weight[:, keep_in])
+    if old.bias is not None:
+        new.bias.copy_(old.bias[keep_out])
+    return new
+
+
+def _per_block(keep: torch.Tensor, groups: int, layer: Layer, side: str) -> torch.Tensor:
+    """The mask as (groups, channels per group), each group keeping the same count."""
+    blocks = keep.view(groups, -1)
+    counts = blocks.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise PasError(f"grouped conv {layer.module} (groups={groups}) would keep {counts.tolist()} {side} channels "
+                       f"per group; expected the same count in every group")
+    return blocks
+
+
+def _shrunk_grouped(old: nn.Conv2d, layer: Layer, keep_in: torch.Tensor, keep_out: torch.Tensor) -> nn.Conv2d:
+    g = layer.groups
+    rows = _per_block(keep_out, g, layer, "output")
+    columns = _per_block(keep_in, g, layer, "input")
+    new = nn.Conv2d(int(keep_in.sum()), int(keep_out.sum()), old.kernel_size, old.stride, old.padding, old.dilation,
+                    groups=g, bias=old.bias is not None, padding_mode=old.padding_mode)
+    weight = old.weight.view(g, -1, *old.weight.shape[1:])  # (group, row in group, column in group, kh, kw)
+    new.weight.copy_(torch.cat([weight[i][rows[i]][:, columns[i]] for i in range(g)]))
     if old.bias is not None:
         new.bias.copy_(old.bias[keep_out])
     return new

@@ -54,6 +54,9 @@ SCHEMA: dict = {
         "alpha": (float, 14.0, "scale-free penalty weight (paper's 0.1 in GMACs^-2 on B1 ~= 14)"),
         "min_channels": (int, 1, "channels every layer keeps at least"),
         "tolerance": (float, 0.01, "allowed relative distance of the final MACs to the target"),
+        "channel_multiple": (int, 1, "every searched width a multiple of it (8 or 16: hardware channel blocks)"),
+        "penalty_gradient": (str, "both", "both | output: the MACs penalty's gradient flows through both widths "
+                                          "of a layer, or only its output width (the authors' code)"),
         "history_every": (int, 10, "record kept widths and MACs every N steps"),
         "method": (str, "pas", "pas | uniform | bn_gamma | l1 (pas prune: full = all-ones masks)"),
     },
@@ -77,6 +80,7 @@ def defaults(schema: dict = SCHEMA) -> dict:
     return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v[1]) for k, v in schema.items()}
 
 
+_CHOICES = {"search.penalty_gradient": ("both", "output")}
 _FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -95,8 +99,11 @@ def _check(value, spec, key: str):
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         raise PasError(f"config key {key!r} must be {_type_name(spec[0])}, got {value!r}")
-    if key in ("epochs", "batch_size", "search.history_every", "evaluate.repeats") and value < (0 if key == "epochs" else 1):
+    if key in ("epochs", "batch_size", "search.history_every", "evaluate.repeats", "search.channel_multiple") \
+            and value < (0 if key == "epochs" else 1):
         raise PasError(f"config key {key!r} must be {'>= 0' if key == 'epochs' else '>= 1'}, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise PasError(f"config key {key!r} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
     return value
 
 

@@ -1,8 +1,9 @@
 """Baseline pruners: masks in the same format as PaS's gates, at the same MACs target.
 
 Scoring (how important is each channel) is kept apart from the decision (which masks meet the
-target); every pruner ends in `pas.search.adjust_masks`, so all methods land on the target the
-same way and go through the same fine-tune and compaction path.
+target); every pruner ends in `pas.landing.land`, so all methods land on the target the same way,
+on the same allowed widths (search.channel_multiple, grouped convs), and go through the same
+fine-tune and compaction path.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 from pas.errors import PasError
 from pas.gates import network_of
 from pas.reparam import fold_bn
-from pas.search import DEFAULT_TOLERANCE, adjust_masks
+from pas.landing import DEFAULT_TOLERANCE, Landing, WidthRule, land
 
 
 def _producers(model: nn.Module):
@@ -40,7 +41,7 @@ def bn_gamma_scores(model: nn.Module) -> list[torch.Tensor]:
     return scores
 
 
-def l1_scores(model: nn.Module) -> list[torch.Tensor]:
+def filter_l1(model: nn.Module) -> list[torch.Tensor]:
     """Per channel of every searched group: the L1 norm of the output channel's fused kernel (BN
     and branches folded in), summed over the group's producers."""
     scores = []
@@ -58,16 +59,39 @@ def l1_scores(model: nn.Module) -> list[torch.Tensor]:
     return scores
 
 
-def uniform_masks(model: nn.Module, target: int, *, tolerance: float = DEFAULT_TOLERANCE,
-                  min_channels: int = 1) -> list[torch.Tensor]:
-    """One width factor for every layer (found by bisection); within a layer the channels with the
-    largest fused-kernel L1 norm are kept; single channels are then flipped to meet the target."""
+def l1_scores(model: nn.Module) -> list[torch.Tensor]:
+    """L1 magnitude as in Li et al. 2017 ("Pruning Filters for Efficient ConvNets"), ranked globally.
+
+    Li et al. rank the filters of each layer by their L1 norm s_j (`filter_l1`) and choose every
+    layer's pruning ratio by a rule. Here the rule is a global ranking of the norms standardised per
+    layer:  z_j = (s_j - mean_l(s)) / std_l(s)  (population std over the layer's channels; 0 for a
+    layer whose channels are all equal). Within a layer the order is Li et al.'s. Across layers it
+    does not depend on fan-in or weight scale: a filter's L1 is a sum of C_in * k^2 terms, so raw
+    norms grow with fan-in (a fresh repvgg_b0_mini at 50% MACs kept 1 of 8 stem channels and every
+    stage-4 one), and dividing by the layer's mean filter L1 equalises the means but not the spread,
+    which shrinks like 1/sqrt(C_in * k^2): low-fan-in layers still lost most (a fresh repvgg_b0_mini
+    at 50%: stem 3 of 8 kept, stage 4 up to 81%). With z, layers whose weights come from one
+    distribution keep about the same share (the test's expectation), and a layer loses more only
+    where some of its filters lie further below its own typical filter.
+    """
+    return [_standardised(s) for s in filter_l1(model)]
+
+
+def _standardised(s: torch.Tensor) -> torch.Tensor:
+    return (s - s.mean()) / s.std(correction=0).clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def uniform_masks(model: nn.Module, target: int, *, channel_multiple: int = 1, tolerance: float = DEFAULT_TOLERANCE,
+                  min_channels: int = 1) -> Landing:
+    """One width factor f for every layer (found by bisection; each width round(f * full) moved to
+    its nearest allowed width); within a layer the channels with the largest fused-kernel L1 norm are
+    kept; the landing then moves single steps to meet the target."""
     arch = network_of(model)
-    full = arch.full_widths()
+    rule = WidthRule(arch, channel_multiple, min_channels)
     scores = l1_scores(model)
 
     def widths(f):
-        return [max(min(min_channels, w), min(w, round(f * w))) for w in full]
+        return rule.nearest(round(f * w) for w in rule.full)
 
     lo, hi = 0.0, 1.0
     for _ in range(50):
@@ -78,15 +102,17 @@ def uniform_masks(model: nn.Module, target: int, *, tolerance: float = DEFAULT_T
         m = torch.zeros(s.numel(), dtype=torch.bool)
         m[torch.argsort(s, descending=True)[:n]] = True
         masks.append(m)
-    return adjust_masks(arch, masks, scores, target, tolerance=tolerance, min_channels=min_channels)
+    return land(arch, masks, scores, target, channel_multiple=channel_multiple, tolerance=tolerance,
+                min_channels=min_channels)
 
 
-def magnitude_masks(model: nn.Module, target: int, scores: list[torch.Tensor], *,
-                    tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1) -> list[torch.Tensor]:
-    """Global ranking: drop the smallest-scored channels of the whole network until the target."""
+def magnitude_masks(model: nn.Module, target: int, scores: list[torch.Tensor], *, channel_multiple: int = 1,
+                    tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1) -> Landing:
+    """Global ranking: drop the smallest-scored channels of the whole network until the target. The
+    landing's drop step is this ranking, so what it moved is no measure of anything (None)."""
     everything = [torch.ones(s.numel(), dtype=torch.bool) for s in scores]
-    return adjust_masks(network_of(model), everything, scores, target, tolerance=tolerance,
-                        min_channels=min_channels)
+    return land(network_of(model), everything, scores, target, channel_multiple=channel_multiple,
+                tolerance=tolerance, min_channels=min_channels).without_start()
 
 
 PRUNERS = {
@@ -96,7 +122,14 @@ PRUNERS = {
 }
 
 
-def prune(method: str, model: nn.Module, target: int, **kw) -> list[torch.Tensor]:
+def run_pruner(method: str, model: nn.Module, target: int, **kw) -> Landing:
+    """The landed masks of a baseline and what the landing moved (keywords: channel_multiple,
+    tolerance, min_channels)."""
     if method not in PRUNERS:
         raise PasError(f"unknown pruning method {method!r}; expected one of {sorted(PRUNERS)}")
     return PRUNERS[method](model, target, **kw)
+
+
+def prune(method: str, model: nn.Module, target: int, **kw) -> list[torch.Tensor]:
+    """The landed masks of a baseline (`run_pruner(...).masks`)."""
+    return run_pruner(method, model, target, **kw).masks

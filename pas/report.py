@@ -10,7 +10,8 @@ def arch_info(net: Network) -> dict:
     head = sum(layer.in_channels * layer.out_channels for layer in net.graph.layers if layer.kind == "linear")
     searched = set(net.searched)
     groups = [{"index": g.index, "channels": g.size, "side": g.side, "producers": g.producers,
-               "searched": g.index in searched, **({"fixed_by": g.reason} if not g.prunable else {})}
+               "searched": g.index in searched, **({"fixed_by": g.reason} if not g.prunable else {}),
+               **({"blocks": g.blocks} if g.blocks > 1 else {})}
               for g in net.graph.groups if g.producers != ["<input>"]]
     return {"backbone": net.backbone, "family": net.family, "macs": macs, "gmacs": round(macs / 1e9, 3),
             "conv_macs": macs - head, "params": int(net.params()), "widths": net.searchable_widths(),

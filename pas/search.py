@@ -6,12 +6,22 @@ The paper writes alpha * (MACs - target)^2 with MACs in GMACs and alpha = 0.1 on
 The same alpha then means the same pull on a 4 MMACs network for 28x28 images, so one default
 (DEFAULT_ALPHA) serves the ImageNet B1 search and the embedded default alike.
 
+The gradient of the penalty: MACs(b) = sum over layers of n_in * n_out * k^2 * H * W / groups (the
+classifier: n_in * classes). With penalty_gradient "both" (the default) a group's kept count n_l gets
+the gradient of every term it appears in, as output and as input width; with "output" (the authors'
+code) every input factor is detached, so n_l is pulled only by the layers that write it:
+    both:   dMACs/dn_l = sum over layers writing l of n_in k^2 H W / g + sum over layers reading l of n_out k^2 H W / g
+    output: dMACs/dn_l = sum over layers writing l of n_in k^2 H W / g.
+The kept counts are those the landing will see: each rounded to its nearest allowed width
+(`pas.landing.WidthRule`: search.channel_multiple, grouped convs), the gradient straight through.
+
 Landing on the target: the soft penalty leaves the masks near, not at, the target (CE pulls
-upwards, and one channel is a coarse step in a small network). After the search, `adjust_masks`
+upwards, and one channel is a coarse step in a small network). After the search, `pas.landing.land`
 moves the fewest channels, those whose gate weights lie nearest the 0.5 threshold, until the
 compact network's MACs are at most the target and within the tolerance (default 1%) of it. Those
 channels are the ones the search itself was least sure about, so the change is the smallest one
-that honours the budget, and it is deterministic.
+that honours the budget, and it is deterministic. What it moved is recorded (`SearchResult.landing`):
+a large move means the search had not converged.
 """
 from __future__ import annotations
 
@@ -23,27 +33,28 @@ from torch import nn
 
 from pas.errors import PasError
 from pas.engine import OptimConfig, Trainer
-from pas.gates import attach_gates, gated_macs, gates_of, has_gates, kept_widths, network_of, set_masks
+from pas.gates import attach_gates, gates_of, has_gates, kept_widths, network_of, set_masks
 from pas.graph.network import Network
+from pas.landing import DEFAULT_TOLERANCE, Landing, WidthRule, land
 
 DEFAULT_ALPHA = 14.0
-DEFAULT_TOLERANCE = 0.01
+PENALTY_GRADIENTS = ("both", "output")
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
 
-def minimum_macs(arch: Network, min_channels: int = 1) -> int:
-    widths = [min(min_channels, w) for w in arch.searchable_widths()]
-    return int(arch.macs(widths))
+def minimum_macs(arch: Network, min_channels: int = 1, channel_multiple: int = 1) -> int:
+    """MACs with every layer at its narrowest allowed width."""
+    return int(arch.macs(WidthRule(arch, channel_multiple, min_channels).minimum()))
 
 
-def resolve_target(target, arch: Network, min_channels: int = 1) -> int:
+def resolve_target(target, arch: Network, min_channels: int = 1, channel_multiple: int = 1) -> int:
     """Absolute target MACs from '1.36G', '2.5M', 1360000000 (absolute) or '40%', 0.4 (fraction).
 
     A number in (0, 1] or a percentage is a fraction of the full network's MACs; a number above 1
     or a figure with a K/M/G suffix is absolute.
     """
     full = int(arch.macs())
-    lowest = minimum_macs(arch, min_channels)
+    lowest = minimum_macs(arch, min_channels, channel_multiple)
     if isinstance(target, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kKmMgG%]?)\s*", target)
         if not m:
@@ -61,117 +72,55 @@ def resolve_target(target, arch: Network, min_channels: int = 1) -> int:
         raise PasError(f"target {target!r} = {macs:.0f} MACs is not below the full network's {full} "
                        f"MACs; allowed range is ({lowest}, {full})")
     if macs < lowest:
+        multiple = f", widths multiples of {channel_multiple}" if channel_multiple > 1 else ""
         raise PasError(f"target {target!r} = {macs:.0f} MACs is below {lowest}, the MACs with "
-                       f"{min_channels} channel(s) per layer; allowed range is ({lowest}, {full})")
+                       f"{min_channels} channel(s) per layer{multiple}; allowed range is ({lowest}, {full})")
     return int(round(macs))
 
 
-class MacsPenalty(nn.Module):
-    """alpha * ((MACs(b) - target) / MACs_full)^2, two-sided, differentiable through the gates."""
+def check_penalty_gradient(penalty_gradient) -> None:
+    if penalty_gradient not in PENALTY_GRADIENTS:
+        raise PasError(f"penalty_gradient {penalty_gradient!r} is unknown; expected one of "
+                       f"{', '.join(PENALTY_GRADIENTS)}")
 
-    def __init__(self, arch: Network, target_macs: int, alpha: float = DEFAULT_ALPHA):
+
+class MacsPenalty(nn.Module):
+    """alpha * ((MACs(b) - target) / MACs_full)^2, two-sided, differentiable through the gates.
+
+    MACs(b) counts every layer at the nearest allowed width of its kept count (`rule`); the gradient
+    flows through both widths of every layer, or only through its output width (module docstring).
+    """
+
+    def __init__(self, arch: Network, target_macs: int, alpha: float = DEFAULT_ALPHA, *,
+                 rule: WidthRule | None = None, penalty_gradient: str = "both"):
         super().__init__()
+        check_penalty_gradient(penalty_gradient)
         self.arch, self.target, self.alpha = arch, int(target_macs), float(alpha)
         self.full = int(arch.macs())
+        self.rule = rule or WidthRule(arch)
+        self.input_grad = penalty_gradient == "both"
 
     def forward(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        macs = gated_macs(model, self.arch)
+        kept = self.rule.estimate([g.kept() for g in gates_of(model)])
+        macs = self.arch.gated_macs(kept, input_grad=self.input_grad)
         return self.alpha * ((macs - self.target) / self.full) ** 2, macs
-
-
-def adjust_masks(arch: Network, masks: list[torch.Tensor], scores: list[torch.Tensor], target: int, *,
-                 tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1,
-                 max_swaps: int = 64) -> list[torch.Tensor]:
-    """Fewest channel flips, lowest/highest scores first, so that target*(1-tol) <= MACs <= target.
-
-    First drop kept channels in ascending score until MACs <= target, then add dropped channels in
-    descending score wherever one still fits under the target. Used by PaS (scores = gate weights)
-    and by the magnitude baselines (all kept at first, scores = magnitudes: global ranking).
-    When every dropped channel costs more than the gap left (a ranking that dropped only channels of
-    expensive, high-resolution layers), channels are swapped: one dropped channel in, one kept channel
-    of another layer out, the pair that brings the MACs closest to the target (within it, the best
-    scores), until the MACs are within the tolerance.
-    """
-    keep = [m.detach().bool().cpu().clone() for m in masks]
-    score = [s.detach().float().cpu() for s in scores]
-    counts = [int(m.sum()) for m in keep]
-    flat = sorted((float(s[j]), li, j) for li, s in enumerate(score) for j in range(s.numel()))
-    macs = int(arch.macs(counts))
-    for _, li, j in flat:  # ascending: drop the least important kept channels
-        if macs <= target:
-            break
-        if keep[li][j] and counts[li] > min_channels:
-            keep[li][j] = False
-            counts[li] -= 1
-            macs = int(arch.macs(counts))
-
-    def fill(macs: int) -> int:
-        for _, li, j in reversed(flat):  # descending: add back the most important that still fit
-            if not keep[li][j]:
-                counts[li] += 1
-                trial = int(arch.macs(counts))
-                if trial <= target:
-                    keep[li][j], macs = True, trial
-                else:
-                    counts[li] -= 1
-        return macs
-
-    macs = fill(macs)
-    for _ in range(max_swaps):
-        if target - macs <= tolerance * target:
-            break
-        swap = _best_swap(arch, keep, score, counts, macs, target, tolerance, min_channels)
-        if swap is None:
-            break
-        (a, ja), (b, jb) = swap
-        keep[a][ja], keep[b][jb] = True, False
-        counts[a] += 1
-        counts[b] -= 1
-        macs = fill(int(arch.macs(counts)))
-    if abs(macs - target) > tolerance * target:
-        raise PasError(f"cannot reach target {target} MACs within {tolerance:.1%}: the closest "
-                       f"mask gives {macs} MACs")
-    return keep
-
-
-def _best_swap(arch, keep, score, counts, macs, target, tolerance, min_channels):
-    """((layer in, channel), (layer out, channel)) that raises the MACs the most without passing the
-    target; among the pairs that land within the tolerance, the one with the best score gain."""
-    best_in = {li: max((float(s[j]), j) for j in range(s.numel()) if not keep[li][j])
-               for li, s in enumerate(score) if not bool(keep[li].all())}
-    worst_out = {li: min((float(s[j]), j) for j in range(s.numel()) if keep[li][j])
-                 for li, s in enumerate(score) if counts[li] > min_channels}
-    best, best_key = None, None
-    for a, (sa, ja) in best_in.items():
-        for b, (sb, jb) in worst_out.items():
-            if a == b:
-                continue
-            trial = list(counts)
-            trial[a] += 1
-            trial[b] -= 1
-            m = int(arch.macs(trial))
-            if not macs < m <= target:
-                continue
-            lands = target - m <= tolerance * target
-            key = (lands, sa - sb if lands else m)
-            if best_key is None or key > best_key:
-                best, best_key = ((a, ja), (b, jb)), key
-    return best
 
 
 @dataclass
 class SearchResult:
     masks: list[torch.Tensor]
     target_macs: int
-    macs: int  # of the final masks, after the adjustment
-    searched_macs: int  # of the masks the gates alone gave at the end of the search
+    macs: int  # of the final masks, after the landing
+    searched_macs: int  # of the masks the gates gave at the end of the search, at their nearest allowed widths
     history: list[dict]
     metrics: list[dict]
+    landing: Landing  # what the landing moved (channels, MACs) from the gates' masks
 
 
 def search(model: nn.Module, train_loader, *, target, example_input: torch.Tensor | None = None,
            epochs: int = 10, optim=None,
            alpha: float = DEFAULT_ALPHA, min_channels: int = 1, tolerance: float = DEFAULT_TOLERANCE,
+           channel_multiple: int = 1, penalty_gradient: str = "both",
            history_every: int = 10, val_loader=None, seed: int = 0, state_path=None, fingerprint=None, on_epoch=None,
            world=None, progress: bool = False) -> SearchResult:
     """Train weights and DBC gates jointly on CE + MACs penalty, then land on the target.
@@ -181,18 +130,22 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
     `train_loader` is an iterable of (x, y) batches, or `train_loader(epoch)` returns one epoch's.
     Gates are attached if the model has none. On return the gates realise the final masks (also in
     `SearchResult.masks`); `pas.compact.compact(model)` then gives the compact network.
+    `channel_multiple`: every width a multiple of it (`pas.landing`); `penalty_gradient`: "both" or
+    "output" (module docstring).
     """
+    check_penalty_gradient(penalty_gradient)
     if example_input is not None and not isinstance(getattr(model, "arch", None), Network):
         from pas.graph.network import describe
         describe(model, example_input)
     arch = network_of(model)
-    target_macs = resolve_target(target, arch, min_channels)
+    rule = WidthRule(arch, channel_multiple, min_channels)
+    target_macs = resolve_target(target, arch, min_channels, channel_multiple)
     if not callable(train_loader):
         batches = train_loader
         train_loader = lambda epoch: batches  # noqa: E731
     if not has_gates(model):
         attach_gates(model, min_channels=min_channels)
-    penalty = MacsPenalty(arch, target_macs, alpha)
+    penalty = MacsPenalty(arch, target_macs, alpha, rule=rule, penalty_gradient=penalty_gradient)
     trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=epochs,
                       optim=optim or OptimConfig(lr=0.02, schedule="constant"), seed=seed,
                       state_path=state_path, fingerprint=fingerprint, penalty=penalty, on_epoch=on_epoch, world=world,
@@ -208,9 +161,8 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
     metrics = trainer.fit()
     gates = gates_of(model)
     current = [g.mask().detach() > 0.5 for g in gates]
-    searched = int(arch.macs([int(m.sum()) for m in current]))
-    final = adjust_masks(arch, current, [g.weight for g in gates], target_macs,
-                         tolerance=tolerance, min_channels=min_channels)
-    set_masks(model, final, min_channels=min_channels)
-    return SearchResult(final, target_macs, int(arch.macs([int(m.sum()) for m in final])), searched,
-                        trainer.history, metrics)
+    landing = land(arch, current, [g.weight for g in gates], target_macs, channel_multiple=channel_multiple,
+                   tolerance=tolerance, min_channels=min_channels)
+    set_masks(model, landing.masks, min_channels=min_channels)
+    return SearchResult(landing.masks, target_macs, landing.macs, landing.macs_before, trainer.history, metrics,
+                        landing)

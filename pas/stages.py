@@ -301,15 +301,19 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
 
     result = run_search(model, train_loader, target=s["target"], epochs=cfg["epochs"],
                         optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
-                        tolerance=s["tolerance"], history_every=s["history_every"], val_loader=val_loader,
+                        tolerance=s["tolerance"], channel_multiple=s["channel_multiple"],
+                        penalty_gradient=s["penalty_gradient"], history_every=s["history_every"], val_loader=val_loader,
                         seed=cfg["seed"], state_path=state, fingerprint=_fingerprint(cfg, weights, *_data_inputs(cfg)),
                         world=world, progress=_progress(cfg),
                         on_epoch=on_epoch)
     wall = time.perf_counter() - t0
     if not world.main:
         return {}
+    landing = result.landing.record()
     record = _masks_record(model.arch, result.masks, target_macs=result.target_macs,
-                           searched_macs=result.searched_macs, method="pas")
+                           searched_macs=result.searched_macs, method="pas",
+                           channel_multiple=s["channel_multiple"], **landing)
+    _warn_if_unconverged(result.landing)
     atomic_write_json(out_masks, record)
     atomic_write_json(out_history, {"layers": len(result.masks), "full_widths": model.arch.searchable_widths(),
                                     "layer_sizes": model.arch.searchable_sizes(),
@@ -321,15 +325,27 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
                "wall_seconds": wall, "history": result.metrics}
     # the final (target-adjusted) widths, as the last point of each kept_NN curve
     tracker.metrics({f"kept_{i:02d}": w for i, w in enumerate(record["widths"])}, step=cfg["epochs"] + 1)
+    tracker.metrics(landing, step=cfg["epochs"] + 1)
     _finish_training(tracker, out_weights, model, out_metrics, metrics, state, (out_masks, out_history))
     return metrics
+
+
+# Above this share of the full network's MACs moved by the landing, the search had not converged.
+UNCONVERGED_SHARE = 0.05
+
+
+def _warn_if_unconverged(landing) -> None:
+    if landing.moved_macs_share is not None and landing.moved_macs_share > UNCONVERGED_SHARE:
+        print(f"[search] warning: the landing moved {landing.moved_macs_share:.1%} of the full network's MACs "
+              f"({landing.macs_before} -> {landing.macs}, {landing.moved_channels} channels): the search did not "
+              f"converge: more steps or a larger alpha", file=sys.stderr, flush=True)
 
 
 def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
     """Baseline masks (uniform, bn_gamma, l1) at the configured target, from pretrained weights;
     `full`: all-ones masks, so a reference network deploys through the same fuse + compact path
     (no weights needed, no MLflow run: the reference's deploy and evaluate runs are its record)."""
-    from pas.pruners import prune as run_prune
+    from pas.pruners import run_pruner
     from pas.search import resolve_target
     s = cfg["search"]
     if s["method"] != "full" and not weights:
@@ -345,12 +361,15 @@ def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
         atomic_write_json(out_masks, record)
         return record
     _load_weights(model, weights)
-    target = resolve_target(s["target"], model.arch, s["min_channels"])
-    masks = run_prune(s["method"], model, target, tolerance=s["tolerance"], min_channels=s["min_channels"])
-    record = _masks_record(model.arch, masks, target_macs=target, method=s["method"])
+    target = resolve_target(s["target"], model.arch, s["min_channels"], s["channel_multiple"])
+    landing = run_pruner(s["method"], model, target, channel_multiple=s["channel_multiple"],
+                         tolerance=s["tolerance"], min_channels=s["min_channels"])
+    record = _masks_record(model.arch, landing.masks, target_macs=target, method=s["method"],
+                           channel_multiple=s["channel_multiple"], **landing.record())
     tracker = _tracker(cfg, "prune", world, out_masks, weights_in=weights)  # a store that fails, fails before any output
     atomic_write_json(out_masks, record)
-    tracker.metrics({"target_macs": target, "macs": record["macs"]})
+    tracker.metrics({"target_macs": target, "macs": record["macs"],
+                     **{k: v for k, v in landing.record().items() if v is not None}})
     tracker.artifact(out_masks)
     tracker.finish(True)
     return record

@@ -14,6 +14,22 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def random_masks(widths, blocks=None, *, seed: int = 0, p: float = 0.5) -> list[torch.Tensor]:
+    """Random masks with at least one channel kept; a layer of several blocks (read or written by a
+    grouped conv) keeps the same random count in each block, at random positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for w, b in zip(widths, blocks or [1] * len(widths)):
+        if b > 1:
+            n = int(torch.randint(1, w // b + 1, (1,), generator=g))
+            out.append(torch.stack([torch.randperm(w // b, generator=g) < n for _ in range(b)]).flatten())
+            continue
+        m = torch.rand(w, generator=g) < p
+        m[torch.randint(w, (1,), generator=g)] = True
+        out.append(m)
+    return out
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max())
 

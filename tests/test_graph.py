@@ -16,7 +16,7 @@ from pas.errors import PasError
 from pas.flops import ptflops_macs
 from pas.gates import attach_gates, gated_macs, set_masks
 from pas.graph.network import describe
-from tests.helpers import randomize_bn, rel_err
+from tests.helpers import random_masks, randomize_bn, rel_err
 
 SMALL = {"in_channels": 1, "resolution": 28, "num_classes": 10}
 RGB64 = {"in_channels": 3, "resolution": 64, "num_classes": 10}
@@ -31,16 +31,6 @@ NETWORKS = {  # every network the issue lists, at a size that keeps the test sho
 DATA = "tests/data/family_regression"
 
 
-def random_masks(widths, seed, p=0.6):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for w in widths:
-        m = torch.rand(w, generator=g) < p
-        m[torch.randint(w, (1,), generator=g)] = True
-        out.append(m)
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_macs_equal_ptflops_and_compact_equals_masked(name):
     kw = NETWORKS[name]
@@ -53,7 +43,7 @@ def test_macs_equal_ptflops_and_compact_equals_masked(name):
     with torch.no_grad():
         assert rel_err(model(x), full(x)) <= 1e-5
     for seed in range(3):
-        masks = random_masks(net.full_widths(), seed)
+        masks = random_masks(net.full_widths(), net.blocks(), seed=seed, p=0.6)
         set_masks(model, masks)
         small = compact(model).eval()
         widths = [int(m.sum()) for m in masks]
@@ -109,7 +99,7 @@ def _tp_groups(model, example, ignored):
 
 def _our_groups(net):
     g = net.graph
-    return {frozenset(layer.module for layer in g.layers if layer.kind in ("conv", "depthwise", "linear")
+    return {frozenset(layer.module for layer in g.layers if layer.kind in ("conv", "depthwise", "grouped", "linear")
                       and any(g.space_group[s] == group.index for s in layer.out_layout))
             for group in g.prunable()}
 
@@ -133,10 +123,21 @@ def test_fusable_branches_do_not_couple_repvgg_layers():
     assert [g.producers for g in model.arch.groups()] == [[f"blocks.{i}"] for i in range(10)]
 
 
-def test_regnet_grouped_convs_keep_their_groups():
-    net = M.arch_for("torchvision:regnet_y_400mf", **RGB64)
-    fixed = [g for g in net.graph.groups if not g.prunable and g.reason.startswith("grouped conv")]
-    assert len(fixed) == 32 and len(net.searched) == 21  # Torch-Pruning prunes grouped convs by group: 53
+def test_regnet_grouped_convs_are_pruned_by_whole_groups_as_torch_pruning_does():
+    """A grouped conv's input and output channels are searched in equal blocks (one per conv group):
+    the same 53 groups as Torch-Pruning's dependency graph, and every block of a group keeps the same
+    count (`blocks` = the convs' groups, e.g. 48 channels in 6 groups of 8)."""
+    model = M.build("torchvision:regnet_y_400mf", **RGB64).eval()
+    net = model.arch
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    assert _our_groups(net) == _tp_groups(model, torch.randn(1, 3, 64, 64), [classifier])
+    assert len(net.searched) == 53 and [g.reason for g in net.graph.groups if not g.prunable] == \
+        ["the network input", "the network output"]
+    grouped = {n: m.groups for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels}
+    assert len(grouped) == 16  # one per block; each reads one group (written by its 1x1 conv a) and writes one
+    assert [g.blocks for g in net.groups() if g.producers[0] in grouped] == list(grouped.values())
+    assert sum(g.blocks > 1 for g in net.groups()) == 2 * len(grouped)
 
 
 def test_same_masks_give_the_per_family_results():
@@ -295,13 +296,13 @@ def test_baselines_work_per_group_on_any_network(method, name, kw):
 
 
 def test_l1_score_of_a_trunk_sums_its_producers_with_bn_folded():
-    from pas.pruners import bn_gamma_scores, l1_scores
+    from pas.pruners import bn_gamma_scores, filter_l1
     model = randomize_bn(M.build("resnet10_mini", **SMALL)).eval()
     trunk = 0  # conv1 (stem) and layer1.0.conv2 share the trunk of stage 1
     scale = lambda bn: bn.weight / torch.sqrt(bn.running_var + bn.eps)  # noqa: E731
     expected = sum((conv.weight.abs().flatten(1).sum(1) * scale(bn).abs())
                    for conv, bn in ((model.conv1, model.bn1), (model.layer1[0].conv2, model.layer1[0].bn2)))
-    torch.testing.assert_close(l1_scores(model)[trunk], expected.detach())
+    torch.testing.assert_close(filter_l1(model)[trunk], expected.detach())
     torch.testing.assert_close(bn_gamma_scores(model)[trunk],
                                (model.bn1.weight.abs() + model.layer1[0].bn2.weight.abs()).detach())
 

@@ -8,7 +8,7 @@ import pas.models as M
 from pas.compact import compact
 from pas.data import load_data, make_loader
 from pas.engine import OptimConfig, Trainer, evaluate
-from pas.gates import freeze_gates
+from pas.gates import freeze_gates, masks
 from pas.search import search
 
 
@@ -56,3 +56,24 @@ def test_torchvision_resnet18_through_the_python_api():
     top1 = _search_finetune_deploy(model, batches, val_loader, example_input=x)
     assert model.arch.backbone == "ResNet" and len(model.arch.searched) == 12  # stem+layer1, 3 trunks, 8 inner convs
     assert top1 > 40, f"torchvision resnet18 after search and fine-tune: {top1:.1f}% (chance 10%)"
+
+
+def test_grouped_repvgg_mini_search_lands_in_whole_groups_and_learns():
+    """The g4 recipe (groups 4 on layers 2, 4, 6, 8) on the small RepVGG-B0 widths, traced through the
+    Python API: searched, landed with every block of a grouped conv keeping the same count, fine-tuned,
+    compacted into grouped convs with the masked network's outputs."""
+    from pas.graph.network import describe
+    from pas.models import GROUPED_LAYERS, MINI_B_BLOCKS, MINI_BASE, MINI_STRIDES
+    from pas.models.repvgg import RepVGG, repvgg_arch
+    loader, val_loader, info = _digits(16)
+    torch.manual_seed(0)
+    model = RepVGG(repvgg_arch(a=1, b=2.5, blocks=MINI_B_BLOCKS, base=MINI_BASE, strides=MINI_STRIDES, groups=4,
+                               grouped_layers=GROUPED_LAYERS, in_channels=1, num_classes=10, resolution=16))
+    describe(model, (1, 16, 16))
+    assert model.arch.blocks() == [1, 4, 4, 4, 4, 4, 4, 4, 4, 1]
+    Trainer(model, train_loader=loader, epochs=4, optim=OptimConfig(lr=0.05)).fit()
+    top1 = _search_finetune_deploy(model, loader, val_loader)
+    for mask, blocks in zip(masks(model), model.arch.blocks()):
+        assert len(set(mask.view(blocks, -1).sum(1).tolist())) == 1
+    assert [b.conv.groups for b in compact(model.eval()).blocks] == [1, 1, 4, 1, 4, 1, 4, 1, 4, 1]
+    assert top1 > 60, f"grouped repvgg mini after search and fine-tune: {top1:.1f}% (chance 10%)"

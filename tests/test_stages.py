@@ -98,6 +98,10 @@ def test_search_masks_land_on_target(chain):
     assert m["macs"] == a.macs(m["widths"])
     assert all(w >= 1 for w in m["widths"])
     assert m["method"] == "pas"
+    # where the search ended before the landing, and what the landing moved to reach the target
+    assert m["search_macs_before_landing"] == m["searched_macs"] and m["channel_multiple"] == 1
+    assert m["landing_moved_macs_share"] == pytest.approx(abs(m["macs"] - m["searched_macs"]) / full)
+    assert 0 <= m["landing_moved_channels"] <= sum(a.searchable_widths())
 
 
 def test_search_history_records_widths_and_macs(chain):
@@ -187,6 +191,25 @@ def test_prune_baselines_land_on_target(chain, method, tmp_path):
     if method == "uniform":  # one width factor for all layers: every layer keeps about half
         ratios = [w / f for w, f in zip(m["widths"], m["full_widths"])]
         assert max(ratios[2:]) - min(ratios[2:]) <= 0.25
+        # the uniform widths are the method's decision: below the target, moved up by the landing
+        assert m["search_macs_before_landing"] <= m["macs"] and m["landing_moved_channels"] >= 0
+    else:  # a global ranking is carried out by the landing itself: nothing to compare with
+        assert m["search_macs_before_landing"] is m["landing_moved_channels"] is m["landing_moved_macs_share"] is None
+
+
+def test_prune_widths_are_multiples_of_search_channel_multiple(chain, tmp_path):
+    """repvgg_a0_mini's widths 6, 6, 12, 12, 24, 24, 24, 160 with channel_multiple 4: 4 or 6 (its full
+    width), 4, 8 or 12, ... ; the config key reaches the pruner through the stage."""
+    out = tmp_path / "uniform.json"
+    pas("prune", "--config", chain / "cfg.yaml", "--set", "search.method=uniform", "--set", "search.channel_multiple=4",
+        "--weights", chain / "pre/w.pt", "--out-masks", out, cwd=tmp_path)
+    m = load(out)
+    assert m["channel_multiple"] == 4 and 0.99 * m["target_macs"] <= m["macs"] <= m["target_macs"]
+    assert all(w % 4 == 0 or w == f for w, f in zip(m["widths"], m["full_widths"])), m["widths"]
+    bad = pas("prune", "--config", chain / "cfg.yaml", "--set", "search.channel_multiple=0", "--weights",
+              chain / "pre/w.pt", "--out-masks", out, cwd=tmp_path, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr == "pas: error: config key 'search.channel_multiple' must be >= 1, got 0\n"
 
 
 # -- resume after kill -9 ------------------------------------------------------------------------
@@ -375,6 +398,8 @@ def test_mlflow_runs_tags_metrics_params_artifacts(tmp_path):
         assert kept[-1][1] == masks["widths"][i]
         assert all(1 <= v <= arch().searchable_widths()[i] for _, v in kept)
     assert search.data.metrics["target_macs"] == masks["target_macs"]
+    for key in ("search_macs_before_landing", "landing_moved_channels", "landing_moved_macs_share"):
+        assert search.data.metrics[key] == pytest.approx(masks[key]), key
     assert f"kept_{n:02d}" not in search.data.metrics
 
     art = {a.path for a in client.list_artifacts(search.info.run_id)}

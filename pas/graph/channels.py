@@ -7,10 +7,18 @@ input's channels through; `torch.cat` along channels concatenates. A *group* is 
 spaces (union-find): the residual trunk of a ResNet stage is one group, every layer of a fused
 RepVGG is its own.
 
+A grouped conv (groups g, not depth-wise) reads its input in g equal contiguous blocks and writes its
+output in g: output block i sees input block i only. It can lose channels and stay a grouped conv with
+g groups if every block keeps the same number of channels (which ones may differ from block to
+block: each output row keeps the columns of its own block). The spaces it reads and writes record
+that constraint as `blocks` (the lcm over every grouped conv touching them, so that each conv's blocks
+are unions of whole blocks); a space read in a concatenation by a grouped conv, or one whose blocks
+are single channels, keeps its width.
+
 Modules that fuse themselves (`fuse()`, e.g. a RepVGG training block) are read in their fused form,
 one conv: a branch that fuses away (RepVGG's identity) ties nothing, which is exactly the freedom
-PaS exploits. A group is prunable unless it touches the network's input or output, a grouped conv
-or a norm that mixes channels.
+PaS exploits. A group is prunable unless it touches the network's input or output, a norm that mixes
+channels, or a grouped conv in a way that leaves it no freedom (above).
 
 The tracer refuses what it cannot reason about (an op with unknown channel semantics, a parameter
 used directly in forward, data-dependent control flow) with a one-line error naming the module and
@@ -94,6 +102,7 @@ class Group:
     side: int  # feature-map side of the first producer's output (1 after global pooling)
     prunable: bool
     reason: str = ""  # why a group is not prunable
+    blocks: int = 1  # equal contiguous blocks that must keep equal counts (grouped convs read/write them)
 
 
 @dataclass
@@ -182,6 +191,7 @@ class _Analysis:
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.site_of: dict[int, str] = {}
         self.layer_of: dict[fx.Node, Layer] = {}
+        self.blocks: dict[int, tuple[int, str]] = {}  # space -> (blocks, the grouped conv that set them last)
 
     def where(self, node: fx.Node) -> str:
         return _where(node, self.root)
@@ -316,8 +326,12 @@ class _Analysis:
         else:
             out = (self.new_space(c_out, name, hw[1]),)
             kind = "grouped"
-            for s in lay + out:
-                self.fixed[s] = f"grouped conv {name} (groups={g})"
+            self.split_in_blocks(out, g, name)
+            if len(lay) == 1:
+                self.split_in_blocks(lay, g, name)
+            else:  # its blocks would straddle the concatenated spaces
+                for s in lay:
+                    self.fixed[s] = f"grouped conv {name} (groups={g}) reads a concatenation"
         bn = site if site != name and isinstance(self.modules[site], (nn.BatchNorm2d, nn.SyncBatchNorm)) \
             and self.calls[site] == 1 else None
         layer = Layer(name, kind, lay, out, bn=bn, **common)
@@ -327,6 +341,11 @@ class _Analysis:
         self.sites.setdefault(site, out)
         if kind != "depthwise":
             self.site_of[out[0]] = site
+
+    def split_in_blocks(self, layout: tuple[int, ...], groups: int, conv: str) -> None:
+        for s in layout:
+            blocks = math.lcm(self.blocks.get(s, (1, ""))[0], groups)
+            self.blocks[s] = (blocks, f"grouped conv {conv} (groups={groups})")
 
     def linear(self, node, name, linear: nn.Linear, args) -> None:
         src = args[0]
@@ -399,6 +418,14 @@ class _Analysis:
                            f"handles element-wise arithmetic, cat, flatten, activations and pooling")
 
     # -- result ---------------------------------------------------------------------------------
+    def set_blocks(self, group: Group) -> None:
+        """The group's blocks: the lcm over its spaces. Blocks of one channel leave it no width but its full one."""
+        for s in group.spaces:
+            if s in self.blocks:
+                group.blocks = math.lcm(group.blocks, self.blocks[s][0])
+                if group.blocks == group.size and group.prunable:
+                    group.prunable, group.reason = False, f"{self.blocks[s][1]} has one channel per group"
+
     def result(self, in_channels: int, input_shape) -> ChannelGraph:
         for name, n in self.calls.items():
             if n > 1 and name in self.sites:
@@ -426,6 +453,7 @@ class _Analysis:
                 if s in self.fixed:
                     g.prunable, g.reason = False, self.fixed[s]
                     break
+            self.set_blocks(g)
         prunable = {g.index for g in groups if g.prunable}
         points = [MaskPoint(m, lay) for m, lay in self.sites.items()
                   if any(space_group[s] in prunable for s in lay)]

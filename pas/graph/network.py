@@ -63,12 +63,21 @@ class Network:
         return [g.producers[0] + (f" (+{len(g.producers) - 1})" if len(g.producers) > 1 else "")
                 for g in self.groups()]
 
+    def blocks(self) -> list[int]:
+        """Per searched group: the equal blocks whose kept counts must be equal (1 unless a grouped conv
+        reads or writes it; see `pas.graph.channels`). Its width is a multiple of this number."""
+        return [g.blocks for g in self.groups()]
+
     def with_widths(self, widths: Sequence[int]) -> "Network":
         widths = tuple(int(w) for w in widths)
         full = self.full_widths()
         if len(widths) != len(full) or any(not 1 <= w <= f for w, f in zip(widths, full)):
             raise PasError(f"widths {list(widths)} do not fit {self.backbone}: expected {len(full)} widths, "
                            f"each between 1 and {full}")
+        for w, b, name in zip(widths, self.blocks(), self.group_names()):
+            if w % b:
+                raise PasError(f"width {w} of {name} is not a multiple of {b}, the groups of the grouped convs "
+                               f"that read or write it")
         return replace(self, widths=widths)
 
     # -- cost -------------------------------------------------------------------------------------
@@ -87,19 +96,24 @@ class Network:
             return total
         return kept
 
-    def macs(self, widths=None):
-        """Deploy MACs (conv + linear, no bias) with these kept counts (ints or tensors) per searched group."""
+    def macs(self, widths=None, *, input_grad: bool = True):
+        """Deploy MACs (conv + linear, no bias) with these kept counts (ints or tensors) per searched group.
+
+        A layer's cost is C_in * C_out * ...: with tensor widths, `input_grad=False` detaches its input
+        width C_in, so that a group's gradient comes only from the layers whose output it is (the
+        authors' code); a depth-wise conv's single width is its output's.
+        """
         kept, total = self._kept(widths), 0
+        inputs = kept if input_grad else lambda layout: _detached(kept(layout))
         for layer in self.graph.layers:
             h, w = layer.out_hw
-            if layer.kind == "conv":
-                total = total + conv_macs(kept(layer.in_layout), kept(layer.out_layout), layer.kernel, h, w)
+            if layer.kind in ("conv", "grouped"):
+                total = total + conv_macs(inputs(layer.in_layout), kept(layer.out_layout), layer.kernel, h, w,
+                                          layer.groups)
             elif layer.kind == "depthwise":
                 total = total + depthwise_macs(kept(layer.out_layout), layer.kernel, h, w)
-            elif layer.kind == "grouped":
-                total = total + conv_macs(layer.in_channels, layer.out_channels, layer.kernel, h, w, layer.groups)
             elif layer.kind == "linear":
-                total = total + fc_macs(kept(layer.in_layout) * layer.factor, kept(layer.out_layout))
+                total = total + fc_macs(inputs(layer.in_layout) * layer.factor, kept(layer.out_layout))
         return total
 
     def params(self, widths=None) -> int:
@@ -109,12 +123,10 @@ class Network:
         for layer in self.graph.layers:
             out = kept(layer.out_layout)
             taps = layer.kernel[0] * layer.kernel[1]
-            if layer.kind == "conv":
-                total += kept(layer.in_layout) * out * taps
+            if layer.kind in ("conv", "grouped"):
+                total += kept(layer.in_layout) // layer.groups * out * taps
             elif layer.kind == "depthwise":
                 total += out * taps
-            elif layer.kind == "grouped":
-                total += layer.in_channels // layer.groups * layer.out_channels * taps
             elif layer.kind == "linear":
                 total += kept(layer.in_layout) * layer.factor * out
             elif layer.kind == "norm":
@@ -124,9 +136,9 @@ class Network:
                 total += out
         return int(total)
 
-    def gated_macs(self, kept_counts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def gated_macs(self, kept_counts: Sequence[torch.Tensor], *, input_grad: bool = True) -> torch.Tensor:
         """MACs with differentiable kept counts (float64: float32 is not exact above 2^24)."""
-        return self.macs([k.double() for k in kept_counts])
+        return self.macs([k.double() for k in kept_counts], input_grad=input_grad)
 
     # -- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -134,6 +146,18 @@ class Network:
                 "in_channels": self.in_channels, "num_classes": self.num_classes, "resolution": self.resolution,
                 "widths": self.searchable_widths(), "full_widths": self.full_widths(),
                 "groups": self.group_names()}
+
+
+def _detached(width):
+    return width.detach() if isinstance(width, torch.Tensor) else width
+
+
+def block_mask(size: int, blocks: int, width: int) -> torch.Tensor:
+    """The first width/blocks channels of each of `blocks` equal blocks of `size` channels (a
+    grouped conv's layout of `width` channels)."""
+    mask = torch.zeros(blocks, size // blocks, dtype=torch.bool)
+    mask[:, :width // blocks] = True
+    return mask.flatten()
 
 
 def searched_groups(graph: ChannelGraph, policy: Callable[[Group], bool] | None = None) -> tuple[int, ...]:

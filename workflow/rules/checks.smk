@@ -86,7 +86,7 @@ def check_config(cfg):
             config_error(f"{key}.backbone", f"{e} (dataset {cfg['dataset']['name']}, resize {cfg['dataset']['resize']})")
         try:
             if arch is not None:
-                resolve_target(v["target"], arch, cfg["search"]["min_channels"])
+                resolve_target(v["target"], arch, cfg["search"]["min_channels"], cfg["search"]["channel_multiple"])
         except PasError as e:
             config_error(f"{key}.target", f"{v['name']} on {v['backbone']}: {e}")
     scratch = cfg["references"]["scratch"]

@@ -228,7 +228,8 @@ def pretrain_import(wildcards):
 
 def search_flags(wildcards):
     v, s = variants()[wildcards.model], config["search"]
-    search = {k: s[k] for k in ("alpha", "min_channels", "tolerance", "history_every")}
+    search = {k: s[k] for k in ("alpha", "min_channels", "tolerance", "channel_multiple", "penalty_gradient",
+                                "history_every")}
     search["alpha"] = v.get("alpha", search["alpha"])
     return set_flags({**common_slice(v["backbone"], tags_for("pas", wildcards.model, wildcards.seed)),
                       **training_slice("search"), "search": {**search, "target": v["target"]}})
@@ -238,7 +239,8 @@ def prune_flags(wildcards):
     v, s = variants()[wildcards.model], config["search"]
     return set_flags({**common_slice(v["backbone"], tags_for(wildcards.method, wildcards.model, wildcards.seed)),
                       "search": {"method": wildcards.method, "target": v["target"],
-                                 "min_channels": s["min_channels"], "tolerance": s["tolerance"]}})
+                                 "min_channels": s["min_channels"], "tolerance": s["tolerance"],
+                                 "channel_multiple": s["channel_multiple"]}})
 
 
 def finetune_flags(wildcards):
