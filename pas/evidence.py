@@ -16,13 +16,14 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import pandas as pd
+
 from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
 from pas.plots import save_figure, search_progress
-from pas.tables import parse_spec, read_table, tex_escape, to_csv
+from pas.tables import (BASELINES, METHOD_ORDER, as_records, csv_text, latex_text, markdown_text, parse_spec,
+                        read_table)
 
-BASELINES = ("uniform", "bn_gamma", "l1")
-METHOD_ORDER = ("pas", *BASELINES, "full", "scratch")
 RUN_KEYS = ("method", "model", "seed", "masks", "history")
 SETTLE_FRACTION = 0.01  # of the final kept channels: "settled" = within this L1 distance from now on
 
@@ -37,38 +38,26 @@ def parse_run_spec(text: str) -> dict[str, str]:
     return spec
 
 
-def spread(values: list[float]) -> dict:
-    """n, mean, sample std (None for one value), min, max."""
-    return {"n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values)}
-
-
 # -- accuracy --------------------------------------------------------------------------------------
-
-def accuracy_rows(rows: list[dict]) -> list[dict]:
-    """One row per (model, method) over the seeds, in the table's model order, methods as METHOD_ORDER."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["model"].split("@")[-1], r["method"]), []).append(r)
-    models = list(dict.fromkeys(key[0] for key in groups))
-    out = []
-    for model in models:
-        for method in METHOD_ORDER:
-            rs = groups.get((model, method))
-            if not rs:
-                continue
-            top1 = spread([r["top1"] for r in rs])
-            out.append({"model": model, "backbone": rs[0]["backbone"], "method": method,
-                        "target_macs": rs[0].get("target_macs"), "macs": statistics.fmean(r["macs"] for r in rs),
-                        "seeds": top1["n"], "top1_mean": top1["mean"], "top1_std": top1["std"],
-                        "top1_min": top1["min"], "top1_max": top1["max"],
-                        "top5_mean": statistics.fmean(r["top5"] for r in rs)})
-    return out
-
 
 ACCURACY_COLUMNS = ["model", "backbone", "method", "target_macs", "macs", "seeds", "top1_mean", "top1_std",
                     "top1_min", "top1_max", "top5_mean"]
+
+
+def accuracy_rows(rows) -> list[dict]:
+    """One row per (model, method) over the seeds of the table's rows (dicts or a frame): seeds, top-1
+    mean, sample std (None for one seed), min and max, mean MACs and top-5; models in the table's
+    order (a baseline's row under the variant it was pruned for), methods as METHOD_ORDER."""
+    frame = pd.DataFrame(rows)
+    model = frame["model"].str.split("@").str[-1]
+    frame = frame.assign(model=model, model_order=pd.factorize(model)[0],
+                         method_order=frame["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}))
+    acc = frame.dropna(subset=["method_order"]).groupby(["model_order", "method_order"]).agg(
+        model=("model", "first"), backbone=("backbone", "first"), method=("method", "first"),
+        target_macs=("target_macs", "first"), macs=("macs", "mean"), seeds=("top1", "count"),
+        top1_mean=("top1", "mean"), top1_std=("top1", "std"), top1_min=("top1", "min"), top1_max=("top1", "max"),
+        top5_mean=("top5", "mean"))
+    return as_records(acc.reset_index(drop=True)[ACCURACY_COLUMNS])
 
 
 def _num(value, digits=2) -> str:
@@ -88,19 +77,20 @@ def _accuracy_cells(r: dict) -> list[str]:
 
 
 ACCURACY_HEADINGS = ["model", "method", "target MACs", "MACs", "seeds", "top-1 % (mean ± std)", "top-1 min-max"]
+ACCURACY_ALIGN = "llrrrrr"  # text left, numbers right
+
+
+def accuracy_display(rows: list[dict]) -> pd.DataFrame:
+    """The accuracy table as shown: text cells under ACCURACY_HEADINGS."""
+    return pd.DataFrame([_accuracy_cells(r) for r in rows], columns=ACCURACY_HEADINGS)
 
 
 def accuracy_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(ACCURACY_HEADINGS) + " |", "|---|---|---:|---:|---:|---:|---:|"]
-    lines += ["| " + " | ".join(_accuracy_cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_text(accuracy_display(rows), ACCURACY_ALIGN)
 
 
 def accuracy_latex(rows: list[dict]) -> str:
-    lines = ["\\begin{tabular}{llrrrrr}", "\\hline", " & ".join(tex_escape(h) for h in ACCURACY_HEADINGS) + " \\\\",
-             "\\hline"]
-    lines += [" & ".join(tex_escape(c).replace("±", "$\\pm$") for c in _accuracy_cells(r)) + " \\\\" for r in rows]
-    return "\n".join(lines + ["\\hline", "\\end{tabular}"]) + "\n"
+    return latex_text(accuracy_display(rows), ACCURACY_ALIGN)
 
 
 def plot_accuracy(rows: list[dict]):
@@ -154,6 +144,9 @@ def settle_point(history: dict, fraction: float = SETTLE_FRACTION) -> tuple[floa
     return near, exact
 
 
+CONVERGENCE_COLUMNS = ["model", "seed", "settled_epoch", "unchanged_from_epoch", "final_kept", "full"]
+
+
 def convergence_rows(runs: list[dict], histories: dict) -> list[dict]:
     out = []
     for run in runs:
@@ -181,18 +174,21 @@ def keep_by_resolution(masks: dict) -> dict[int, float]:
     return {s: kept[s] / full[s] for s in sorted(kept, reverse=True)}
 
 
+PROFILE_COLUMNS = ["model", "backbone", "method", "resolution", "seeds", "keep_mean", "keep_std"]
+
+
 def profile_rows(runs: list[dict], masks: dict, backbones: dict[str, str]) -> list[dict]:
-    groups: dict[tuple[str, str], list[dict[int, float]]] = {}
-    for run in runs:
-        groups.setdefault((run["model"], run["method"]), []).append(keep_by_resolution(masks[run["masks"]]))
-    out = []
-    for (model, method), profiles in groups.items():
-        for size in profiles[0]:
-            s = spread([p[size] for p in profiles])
-            out.append({"model": model, "backbone": backbones.get(model, ""), "method": method, "resolution": size,
-                        "seeds": s["n"], "keep_mean": round(s["mean"], 4),
-                        "keep_std": None if s["std"] is None else round(s["std"], 4)})
-    return out
+    """One row per (model, method) and feature-map side over the seeds: seeds, mean and sample std
+    (None for one seed) of the kept fraction, rounded to 4 places; in the runs' order, largest side
+    first."""
+    kept = pd.DataFrame([{"model": run["model"], "method": run["method"], "resolution": size, "keep": keep}
+                         for run in runs for size, keep in keep_by_resolution(masks[run["masks"]]).items()],
+                        columns=["model", "method", "resolution", "keep"])
+    stats = kept.groupby(["model", "method", "resolution"], sort=False)["keep"].agg(
+        seeds="count", keep_mean="mean", keep_std="std").reset_index()
+    stats["backbone"] = stats["model"].map(backbones).fillna("")
+    stats[["keep_mean", "keep_std"]] = stats[["keep_mean", "keep_std"]].round(4)
+    return as_records(stats[PROFILE_COLUMNS])
 
 
 def early_pruned_harder(masks: dict) -> bool:
@@ -313,22 +309,21 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
 
 def make_evidence(table: str | Path, runs: list[dict], out_dir: str | Path, search_epochs: int) -> list[Path]:
     rows = read_table(table)
-    if not rows:
+    if rows.empty:
         raise PasError(f"{str(table)!r} has no rows")
     masks = {r["masks"]: read_json(r["masks"]) for r in runs}
     histories = {r["history"]: read_json(r["history"]) for r in runs if "history" in r}
     acc = accuracy_rows(rows)
     conv = convergence_rows(runs, histories)
-    backbones = {r["model"].split("@")[-1]: r["backbone"] for r in rows}
+    backbones = dict(zip(rows["model"].str.split("@").str[-1], rows["backbone"]))
     profile = profile_rows(runs, masks, backbones)
     out_dir = Path(out_dir)
     written = {
-        "accuracy.csv": to_csv(acc, ACCURACY_COLUMNS),
+        "accuracy.csv": csv_text(pd.DataFrame(acc, columns=ACCURACY_COLUMNS)),
         "accuracy.md": accuracy_markdown(acc),
         "accuracy.tex": accuracy_latex(acc),
-        "convergence.csv": to_csv(conv, ["model", "seed", "settled_epoch", "unchanged_from_epoch", "final_kept", "full"]),
-        "width_profile.csv": to_csv(profile, ["model", "backbone", "method", "resolution", "seeds", "keep_mean",
-                                              "keep_std"]),
+        "convergence.csv": csv_text(pd.DataFrame(conv, columns=CONVERGENCE_COLUMNS)),
+        "width_profile.csv": csv_text(pd.DataFrame(profile, columns=PROFILE_COLUMNS)),
         "claims.md": claims_markdown(acc, conv, profile, runs, masks, search_epochs),
     }
     paths = []
