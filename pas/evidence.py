@@ -216,6 +216,19 @@ def _against(by_model: dict, targets: list[str], baseline: str) -> str:
             f"{statistics.fmean(diffs):+.2f} on average")
 
 
+def _table(headings: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """The lines of a Markdown table of text cells (`align`: 'l' or 'r' per column)."""
+    return markdown_text(pd.DataFrame(rows, columns=headings), align).splitlines()
+
+
+def _profile_cells(profile: list[dict]) -> list[list[str]]:
+    """[model, method, '14px 38%, 7px 50%, ...'] per (model, method) of the width profile."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in profile:
+        groups.setdefault((p["model"], p["method"]), []).append(f"{p['resolution']}px {100 * p['keep_mean']:.0f}%")
+    return [[model, method, ", ".join(cells)] for (model, method), cells in groups.items()]
+
+
 def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs: list[dict], masks: dict,
                     search_epochs: int) -> str:
     seeds = max((r["seeds"] for r in acc), default=0)
@@ -237,14 +250,13 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
         apart = pas["top1_std"] is not None and best["top1_std"] is not None and \
             pas["top1_mean"] - pas["top1_std"] > best["top1_mean"] + best["top1_std"]
         clear += apart
-        detail.append(f"| {m} | {_macs(pas['target_macs'])} | {_pm(pas)} | " +
-                      " | ".join(_pm(g[b]) if b in g else "" for b in BASELINES) +
-                      f" | {best['method']} | {margin:+.2f} |")
+        detail.append([m, _macs(pas["target_macs"]), _pm(pas), *(_pm(g[b]) if b in g else "" for b in BASELINES),
+                       best["method"], f"{margin:+.2f}"])
     if targets:
         lines += ["## 1. PaS beats uniform width and magnitude pruning at equal MACs",
                   "Paper: +0.3 to +2.7 top-1 over the baselines at equal MACs (ImageNet, RepVGG-B1).", "",
-                  "| model | target | PaS | uniform | BN-gamma | L1 | best baseline | PaS − best |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|", *detail, "",
+                  *_table(["model", "target", "PaS", "uniform", "BN-gamma", "L1", "best baseline", "PaS − best"],
+                          detail, "lrrrrrlr"), "",
                   f"Measured: PaS has the best mean top-1 at {wins} of {len(targets)} targets; at {clear} of them "
                   f"its mean minus one std is above the best baseline's mean plus one std. Against each "
                   f"baseline: " + "; ".join(_against(by_model, targets, b) for b in BASELINES
@@ -263,9 +275,9 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
     if pairs:
         lines += ["## 1b. PaS beats the uniform smaller family member at similar MACs",
                   "Paper: about +1.0 top-1 over uniform RepVGG at similar speed.", "",
-                  "| PaS | MACs | top-1 | from scratch | MACs | top-1 | difference |", "|---|---:|---:|---|---:|---:|---:|"]
-        lines += [f"| {p['model']} | {_macs(p['macs'])} | {_pm(p)} | {s['model']} | {_macs(s['macs'])} | {_pm(s)} | "
-                  f"{p['top1_mean'] - s['top1_mean']:+.2f} |" for p, s in pairs]
+                  *_table(["PaS", "MACs", "top-1", "from scratch", "MACs", "top-1", "difference"],
+                          [[p["model"], _macs(p["macs"]), _pm(p), s["model"], _macs(s["macs"]), _pm(s),
+                            f"{p['top1_mean'] - s['top1_mean']:+.2f}"] for p, s in pairs], "lrrlrrr")]
         better = sum(p["top1_mean"] > s["top1_mean"] for p, s in pairs)
         lines += ["", f"**Verdict: {'holds' if better == len(pairs) else 'holds in part' if better else 'does not hold'}"
                       f"** ({better} of {len(pairs)} pairs).", ""]
@@ -279,10 +291,9 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
                   f"(latest {latest:.2f}); they stop changing at all from epoch "
                   f"{statistics.fmean(c['unchanged_from_epoch'] for c in conv):.2f} on average "
                   f"(latest {max(c['unchanged_from_epoch'] for c in conv):.2f}).", "",
-                  "| model | seed | within 1% from epoch | unchanged from epoch | kept / full channels |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {c['model']} | {c['seed']} | {c['settled_epoch']:.2f} | {c['unchanged_from_epoch']:.2f} | "
-                  f"{c['final_kept']} / {c['full']} |" for c in conv]
+                  *_table(["model", "seed", "within 1% from epoch", "unchanged from epoch", "kept / full channels"],
+                          [[c["model"], str(c["seed"]), f"{c['settled_epoch']:.2f}", f"{c['unchanged_from_epoch']:.2f}",
+                            f"{c['final_kept']} / {c['full']}"] for c in conv], "lrrrr")]
         lines += ["", f"**Verdict: {'holds' if latest <= search_epochs - 1 else 'does not hold'}** (settled before "
                       f"the last search epoch in {sum(c['settled_epoch'] <= search_epochs - 1 for c in conv)} of "
                       f"{len(conv)} searches).", ""]
@@ -293,12 +304,9 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
         lines += ["## 3. Early high-resolution layers are pruned harder",
                   "Paper: the high-resolution early stages keep 12-26% of their channels, stage 3 keeps "
                   "43-65% (RepVGG-B1).", "",
-                  "| model | method | keep fraction per feature-map side (mean over seeds) |", "|---|---|---|"]
-        for (model, method) in dict.fromkeys((p["model"], p["method"]) for p in profile):
-            cells = ", ".join(f"{p['resolution']}px {100 * p['keep_mean']:.0f}%" for p in profile
-                              if p["model"] == model and p["method"] == method)
-            lines.append(f"| {model} | {method} | {cells} |")
-        lines += ["", f"Measured: in {harder} of {len(pas_runs)} PaS searches the highest-resolution layers keep a "
+                  *_table(["model", "method", "keep fraction per feature-map side (mean over seeds)"],
+                          _profile_cells(profile), "lll"),
+                  "", f"Measured: in {harder} of {len(pas_runs)} PaS searches the highest-resolution layers keep a "
                       f"smaller fraction than all lower-resolution layers together.",
                   f"**Verdict: {'holds' if harder == len(pas_runs) else 'holds in part' if harder else 'does not hold'}**.",
                   ""]
