@@ -9,6 +9,10 @@ caller (the workflow), one `--row eval=PATH,masks=PATH,search=PATH,finetune=PATH
     finetune  pas finetune's metrics: fine-tune wall time
     train     pas pretrain's metrics: training wall time of a reference network
 
+or, with `--from-mlflow URI`, from the runs the same stages logged to an MLflow store: each
+evaluate run is a row, the search, prune, finetune and pretrain runs of the same variant and seed
+give its target and wall times.
+
 The table is a pandas DataFrame, and pandas writes it: the CSV, the Markdown (through tabulate) and
 the LaTeX (through Styler, which escapes LaTeX's special characters).
 """
@@ -66,8 +70,8 @@ def latency_device(result: dict) -> str:
 # -- rows ------------------------------------------------------------------------------------------
 
 def eval_row(ev: dict, source: str, *, target_macs=None, search_s=None, finetune_s=None, train_s=None) -> dict:
-    """One row from an evaluation's values (pas evaluate's output) and the target and wall times of
-    the stages before it; `source` names it in errors."""
+    """One row from an evaluation's values (pas evaluate's output, or its MLflow run's metrics and
+    tags) and the target and wall times of the stages before it; `source` names it in errors."""
     missing = [k for k in _EVAL_KEYS if k not in ev]
     if missing:
         raise PasError(f"{source} has no {missing[0]!r}; expected the values of pas evaluate")
@@ -113,6 +117,86 @@ def table_frame(rows) -> pd.DataFrame:
     frame = frame.reindex(columns=columns(frame.columns))
     numbers = [c for c in frame.columns if c not in TEXT_COLUMNS and c not in COUNT_COLUMNS]
     return frame.astype({**{c: "Int64" for c in COUNT_COLUMNS}, **{c: "float64" for c in numbers}})
+
+
+def in_table_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows by seed, then method (METHOD_ORDER, others after it by name), then model name."""
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    order = frame.assign(_rank=frame["method"].map(rank).fillna(len(METHOD_ORDER)))
+    order = order.sort_values(["seed", "_rank", "method", "model"], kind="stable", na_position="first")
+    return order.drop(columns="_rank").reset_index(drop=True)
+
+
+# -- rows from an MLflow store ---------------------------------------------------------------------
+
+_RUN_KEY = ("tags.variant", "tags.seed")
+
+
+def store_rows(uri: str, experiment: str) -> list[dict]:
+    """One row per network and seed from the finished runs of `experiment`: the newest evaluate run
+    of each, with the target of its search or prune run and the wall times of its search, finetune
+    and pretrain runs (the runs of the same variant and seed)."""
+    runs = finished_runs(uri, experiment)
+    evals = newest_runs(runs, "evaluate")
+    if evals.empty:
+        raise PasError(f"experiment {experiment!r} of MLflow store {uri!r} has no finished evaluate run; "
+                       f"expected the runs of pas evaluate")
+    target = {**stage_values(runs, "search", "target_macs"), **stage_values(runs, "prune", "target_macs")}
+    times = {f"{stage}_s": stage_values(runs, stage, "wall_seconds") for stage in ("search", "finetune")}
+    times["train_s"] = stage_values(runs, "pretrain", "wall_seconds")
+    rows = []
+    for run in evals.to_dict("records"):
+        key = tuple(run[k] for k in _RUN_KEY)
+        rows.append(eval_row(run_values(run), f"evaluate run {run['run_id']}", target_macs=target.get(key),
+                             **{column: values.get(key) for column, values in times.items()}))
+    return rows
+
+
+def finished_runs(uri: str, experiment: str) -> pd.DataFrame:
+    """Every finished run of `experiment` (mlflow.search_runs' frame), newest first."""
+    import mlflow
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise PasError(f"MLflow store {uri!r} does not exist; expected the store the stages logged to")
+    try:  # an unreadable database, a server that does not answer: one line, not a traceback
+        found = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except Exception as e:
+        raise PasError(f"MLflow store {uri!r} cannot be read: {str(e).splitlines()[0]}") from None
+    if found is None:
+        raise PasError(f"MLflow store {uri!r} has no experiment {experiment!r}")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # search_runs reads the process's store; given back below
+    try:
+        runs = mlflow.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    if "tags.backbone" in runs:  # a run without a variant tag is its backbone's, as its run name says
+        runs["tags.variant"] = runs.reindex(columns=["tags.variant"])["tags.variant"].fillna(runs["tags.backbone"])
+    return runs
+
+
+def newest_runs(runs: pd.DataFrame, stage: str) -> pd.DataFrame:
+    """The newest run of `stage` per variant and seed: a stage run again replaces its earlier runs."""
+    if runs.empty or "tags.stage" not in runs:
+        return runs.iloc[0:0]
+    return runs[runs["tags.stage"] == stage].drop_duplicates(list(_RUN_KEY))  # runs come newest first
+
+
+def stage_values(runs: pd.DataFrame, stage: str, metric: str) -> dict[tuple, float]:
+    """{(variant, seed): the metric's value in that row's newest `stage` run}, where it was logged."""
+    newest = newest_runs(runs, stage)
+    if f"metrics.{metric}" not in newest:
+        return {}
+    logged = newest[newest[f"metrics.{metric}"].notna()]
+    return dict(zip(zip(*(logged[k] for k in _RUN_KEY)), logged[f"metrics.{metric}"]))
+
+
+def run_values(run: dict) -> dict:
+    """A run's logged metrics and tags by name, as pas evaluate's output holds them."""
+    values = {k.split(".", 1)[1]: v for k, v in run.items()
+              if k.startswith(("metrics.", "tags.")) and not pd.isna(v)}
+    values["widths"] = values.get("widths", "").split()
+    return values
 
 
 # -- CSV, Markdown and LaTeX -----------------------------------------------------------------------
@@ -223,16 +307,27 @@ def as_records(frame: pd.DataFrame) -> list[dict]:
 # -- command line ----------------------------------------------------------------------------------
 
 def main(args) -> int:
-    frame = table_frame([table_row(parse_row_spec(text)) for text in args.row])
+    if args.from_mlflow:
+        frame = in_table_order(table_frame(store_rows(args.from_mlflow, args.experiment or "pas")))
+    elif args.experiment:
+        raise PasError(f"--experiment {args.experiment!r}: expected it with --from-mlflow (the JSON rows of "
+                       f"--row have no experiment)")
+    else:
+        frame = table_frame([table_row(parse_row_spec(text)) for text in args.row])
     for path in write_tables(frame, args.out_dir, args.stem):
         print(path)
     return 0
 
 
 def add_subcommand(sub) -> None:
-    p = sub.add_parser("tables", help="results table (CSV, Markdown, LaTeX) from evaluate/search/finetune JSONs")
-    p.add_argument("--row", action="append", required=True, metavar="eval=PATH[,masks=PATH,...]",
-                   help=f"the files of one network; keys: {', '.join(ROW_KEYS)} (repeat per row)")
+    p = sub.add_parser("tables", help="results table (CSV, Markdown, LaTeX) from the stages' JSON files or "
+                                      "their MLflow runs")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--row", action="append", metavar="eval=PATH[,masks=PATH,...]",
+                        help=f"the files of one network; keys: {', '.join(ROW_KEYS)} (repeat per row)")
+    source.add_argument("--from-mlflow", metavar="URI",
+                        help="read the rows from the runs in this MLflow store instead (rows by seed, method, model)")
+    p.add_argument("--experiment", help="the MLflow experiment of --from-mlflow (default: pas)")
     p.add_argument("--out-dir", required=True, help="writes STEM.csv, STEM.md and STEM.tex here")
     p.add_argument("--stem", default="main", help="file name stem (default: main)")
     p.set_defaults(func=main)

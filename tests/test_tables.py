@@ -1,13 +1,19 @@
 """pas tables: the rows read from the stages' JSON files, the CSV, Markdown and LaTeX written from
-them (LaTeX's special characters escaped), and the CSV read back."""
+them (LaTeX's special characters escaped), the CSV read back, and the same table read from the
+MLflow runs of a small pipeline run in this process."""
 from __future__ import annotations
 
 import csv
 import json
 import textwrap
 
+import pytest
+
+from pas import stages
 from pas.cli import main as pas_main
+from pas.config import load_config
 from pas.tables import as_records, read_table, table_frame, table_row, write_tables
+from pas.tracking import ingest
 
 # every character LaTeX treats specially, in one model name
 NAME = "a_b%c&d#e~f^g\\h{i}$j"
@@ -100,3 +106,121 @@ def test_a_row_is_read_from_the_files_of_one_network(tmp_path):
         "model,method,seed,backbone,target_macs,macs,macs_ptflops,params,top1,top5,latency_ms_b1,throughput_b1,"
         "latency_ms_b8,throughput_b8,latency_device,search_s,finetune_s,train_s,widths",
         "PaS-A,pas,1,b0,516544,515000,,123456,87.5,99.0,0.25,4000.0,0.5,16000.0,cuda,12.5,30.25,,4 8 16"]
+
+
+# -- the table from the MLflow store ----------------------------------------------------------------
+
+BACKBONE = "repvgg_a0_mini"
+
+
+def stage_config(tmp_path, tags: dict, *overrides: str) -> dict:
+    """A tiny stage config logging to the store under tmp_path."""
+    cfg = load_config(None, [f"backbone={BACKBONE}", "threads=1", "epochs=1", "batch_size=32", "progress=false",
+                             "dataset.max_train=64", "dataset.max_val=32", "search.target=50%",
+                             "evaluate.repeats=1", "evaluate.warmup=0", "evaluate.batch_sizes=[1, 4]",
+                             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                             f"tracking.artifact_root={tmp_path}/art", *overrides])
+    return {**cfg, "tags": tags}
+
+
+def row_tags(method: str, model: str) -> dict:
+    """The tags the workflow gives every run of one table row (workflow/rules/common.smk, tags_for)."""
+    variant = model if method in ("pas", "full", "scratch") else f"{method}@{model}"
+    return {"variant": variant, "model": model, "method": method, "target": "50%", "seed": "0"}
+
+
+def deploy_and_evaluate(tmp_path, d, tags: dict, weights) -> None:
+    stages.deploy(stage_config(tmp_path, tags), weights=str(weights), masks=str(d / "masks.json"),
+                  out_dir=str(d / "deploy"))
+    stages.evaluate(stage_config(tmp_path, tags), arch=str(d / "deploy" / "arch.json"),
+                    weights=str(d / "deploy" / "model.safetensors"), out=str(d / "eval.json"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A PaS variant, a uniform baseline at its target and the full backbone, run in this process with
+    MLflow on: the folder of their files and store."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    pre, pas_dir, uni, full = tmp / "pre", tmp / "PaS-T", tmp / "uniform", tmp / "full"
+    stages.pretrain(stage_config(tmp, {"variant": BACKBONE, "model": BACKBONE, "method": "pretrain", "seed": "0"}),
+                    out_weights=str(pre / "w.pt"), out_metrics=str(pre / "metrics.json"))
+    pas_tags = row_tags("pas", "PaS-T")
+    stages.search(stage_config(tmp, pas_tags), weights=str(pre / "w.pt"), out_weights=str(pas_dir / "search" / "w.pt"),
+                  out_masks=str(pas_dir / "masks.json"), out_history=str(pas_dir / "history.json"),
+                  out_metrics=str(pas_dir / "search" / "metrics.json"))
+    stages.prune(stage_config(tmp, row_tags("uniform", "PaS-T"), "search.method=uniform"), weights=str(pre / "w.pt"),
+                 out_masks=str(uni / "masks.json"))
+    for d, tags, weights in ((pas_dir, pas_tags, pas_dir / "search" / "w.pt"),
+                             (uni, row_tags("uniform", "PaS-T"), pre / "w.pt")):
+        stages.finetune(stage_config(tmp, tags), weights=str(weights), masks=str(d / "masks.json"),
+                        out_weights=str(d / "finetune" / "w.pt"), out_metrics=str(d / "finetune" / "metrics.json"))
+        deploy_and_evaluate(tmp, d, tags, d / "finetune" / "w.pt")
+    stages.prune(stage_config(tmp, row_tags("full", BACKBONE), "search.method=full"), weights=None,
+                 out_masks=str(full / "masks.json"))
+    deploy_and_evaluate(tmp, full, row_tags("full", BACKBONE), pre / "w.pt")
+    # evaluated again: its newest run (and eval.json) replace the first
+    stages.evaluate(stage_config(tmp, pas_tags), arch=str(pas_dir / "deploy" / "arch.json"),
+                    weights=str(pas_dir / "deploy" / "model.safetensors"), out=str(pas_dir / "eval.json"))
+    return tmp
+
+
+def json_rows(tmp) -> list[str]:
+    """The --row of each network, in the store table's order (seed, method, model)."""
+    return [f"eval={tmp}/PaS-T/eval.json,masks={tmp}/PaS-T/masks.json,search={tmp}/PaS-T/search/metrics.json,"
+            f"finetune={tmp}/PaS-T/finetune/metrics.json",
+            f"eval={tmp}/uniform/eval.json,masks={tmp}/uniform/masks.json,finetune={tmp}/uniform/finetune/metrics.json",
+            f"eval={tmp}/full/eval.json,masks={tmp}/full/masks.json,train={tmp}/pre/metrics.json"]
+
+
+def tables_from(tmp, out: str, *source: str) -> dict[str, str]:
+    assert pas_main(["tables", *source, "--out-dir", str(tmp / out)]) == 0
+    return {ext: (tmp / out / f"main.{ext}").read_text() for ext in ("csv", "md", "tex")}
+
+
+@pytest.mark.slow
+def test_the_table_from_the_mlflow_store_is_the_table_from_the_json_files(pipeline, capsys):
+    tmp = pipeline
+    from_json = tables_from(tmp, "json", *(a for row in json_rows(tmp) for a in ("--row", row)))
+    from_store = tables_from(tmp, "store", "--from-mlflow", f"sqlite:///{tmp}/mlflow.db")
+    assert from_store == from_json
+    # the values are the files' (the evaluation, the masks' target, the stages' wall times)
+    with open(tmp / "store" / "main.csv", newline="") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["PaS-T", "uniform@PaS-T", BACKBONE]
+    for name, d in (("PaS-T", "PaS-T"), ("uniform@PaS-T", "uniform"), (BACKBONE, "full")):
+        ev = json.loads((tmp / d / "eval.json").read_text())
+        assert (float(rows[name]["top1"]), int(rows[name]["macs"]), rows[name]["widths"]) == \
+            (ev["top1"], ev["macs"], " ".join(map(str, ev["widths"])))
+        assert float(rows[name]["latency_ms_b4"]) == ev["latency_ms_cpu_b4"]
+    wall = {p: json.loads((tmp / p).read_text())["wall_seconds"]
+            for p in ("PaS-T/search/metrics.json", "PaS-T/finetune/metrics.json", "pre/metrics.json")}
+    assert (float(rows["PaS-T"]["search_s"]), float(rows["PaS-T"]["finetune_s"]), rows["PaS-T"]["train_s"]) == \
+        (wall["PaS-T/search/metrics.json"], wall["PaS-T/finetune/metrics.json"], "")
+    assert (rows[BACKBONE]["target_macs"], float(rows[BACKBONE]["train_s"])) == ("", wall["pre/metrics.json"])
+    target = json.loads((tmp / "uniform" / "masks.json").read_text())["target_macs"]
+    assert (int(rows["uniform@PaS-T"]["target_macs"]), rows["uniform@PaS-T"]["search_s"]) == (target, "")
+
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    assert pas_main(["tables", "--from-mlflow", uri, "--experiment", "nope", "--out-dir", str(tmp / "nope")]) == 2
+    assert capsys.readouterr().err == f"pas: error: MLflow store {uri!r} has no experiment 'nope'\n"
+
+
+@pytest.mark.slow
+def test_the_table_from_a_store_rebuilt_from_the_run_records_is_the_same(pipeline):
+    """The cluster mode: jobs write run records, one step ingests them into a store."""
+    tmp = pipeline
+    records = sorted(tmp.rglob("*.run.json")) + sorted(tmp.rglob("run.json"))
+    ingest(records, uri=f"sqlite:///{tmp}/ingested.db", experiment="pas", artifact_root=str(tmp / "art2"))
+    from_store = tables_from(tmp, "ingested", "--from-mlflow", f"sqlite:///{tmp}/ingested.db")
+    assert from_store == tables_from(tmp, "json2", *(a for row in json_rows(tmp) for a in ("--row", row)))
+
+
+def test_bad_mlflow_sources_are_one_line_errors(tmp_path, capsys):
+    missing = f"sqlite:///{tmp_path}/none.db"
+    assert pas_main(["tables", "--from-mlflow", missing, "--out-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"pas: error: MLflow store {missing!r} does not exist; expected the store the "
+                                       f"stages logged to\n")
+    assert pas_main(["tables", "--row", "eval=e.json", "--experiment", "x", "--out-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("pas: error: --experiment 'x': expected it with --from-mlflow (the JSON rows "
+                                       "of --row have no experiment)\n")
+    assert not list(tmp_path.iterdir())
