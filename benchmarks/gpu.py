@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -214,27 +215,27 @@ def searched(cfg, target: int, device):
 
 
 def latency_table(cfg, device) -> None:
+    """Each PaS network against the uniform family member at its MACs, per batch size."""
     from pas.models import arch_for
     print(f"latency, fp32, CUDA events ({cfg['repeats']} runs after {cfg['warmup']} warm-up):" if device.type == "cuda"
           else "latency, fp32, wall time:")
-    header = "  network                       MACs    " + "".join(f"  b{b:<4} ms " for b in cfg["batch_sizes"])
-    print(header)
+    rows = []
     for ref in cfg["references"]:
         target = int(arch_for(ref, num_classes=1000, resolution=cfg["resolution"]).macs())
         pas_net, result = searched(cfg, target, device)
         plain = build(ref, cfg, device, deploy=True).eval()
-        row = {}
         for b in cfg["batch_sizes"]:
             x, _ = batch(cfg, b, device)
             with torch.no_grad():
-                row[b] = alternate({"pas": lambda: pas_net(x), "ref": lambda: plain(x)}, device,
-                                   repeats=cfg["repeats"], warmup=cfg["warmup"])
-        name = f"PaS-{ref.split('_')[1].upper()} ({cfg['backbone']})"
-        print(f"  {name:<28}{result.macs / 1e9:6.2f} G" + "".join(f"  {row[b]['pas'] * 1e3:8.2f} " for b in row))
-        print(f"  {ref:<28}{target / 1e9:6.2f} G" + "".join(f"  {row[b]['ref'] * 1e3:8.2f} " for b in row))
-        print("  PaS / uniform member        ratio " + "".join(f"  {row[b]['pas'] / row[b]['ref']:8.2f}x" for b in row))
+                t = alternate({"pas": lambda: pas_net(x), "ref": lambda: plain(x)}, device,
+                              repeats=cfg["repeats"], warmup=cfg["warmup"])
+            rows.append({"PaS network": f"PaS-{ref.split('_')[1].upper()} ({cfg['backbone']})",
+                         "PaS MMACs": result.macs / 1e6, "uniform member": ref, "member MMACs": target / 1e6,
+                         "batch": b, "PaS ms": t["pas"] * 1e3, "member ms": t["ref"] * 1e3,
+                         "PaS / member": t["pas"] / t["ref"]})
         check(abs(result.macs / target - 1) < 0.01, f"PaS network at {ref}'s MACs within 1%",
               f"{result.macs} vs {target}")
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"))
 
 
 def main(argv=None) -> int:

@@ -8,9 +8,20 @@ own: a seed is one whole default run, and the goal applies to it.
 from __future__ import annotations
 
 import argparse
-import csv
-from collections import defaultdict
 from pathlib import Path
+
+import pandas as pd
+
+
+def job_times(files: list[Path], results: Path) -> pd.DataFrame:
+    """One row per job: its rule, seed folder (None outside one), wall seconds `s` (the first row of
+    its benchmark file), and when it started and ended."""
+    jobs = pd.DataFrame({
+        "rule": [f.name.removesuffix(".benchmark.tsv") for f in files],
+        "seed": [next((p for p in f.relative_to(results).parts if p.startswith("seed")), None) for f in files],
+        "s": [float(pd.read_csv(f, sep="\t")["s"].iloc[0]) for f in files],
+        "end": [f.stat().st_mtime for f in files]})
+    return jobs.assign(start=jobs["end"] - jobs["s"])
 
 
 def main(argv=None) -> list[dict]:
@@ -22,30 +33,21 @@ def main(argv=None) -> list[dict]:
     if not files:
         print(f"workflow time: no benchmark files under {a.results} (run `snakemake --cores all` first)")
         return []
-    spans, per_rule, per_seed, total = [], defaultdict(float), defaultdict(list), 0.0
-    for f in files:
-        with f.open() as fh:
-            row = next(csv.DictReader(fh, delimiter="\t"))
-        s = float(row["s"])
-        end = f.stat().st_mtime
-        spans.append((end - s, end))
-        seed = next((part for part in f.relative_to(a.results).parts if part.startswith("seed")), None)
-        if seed:
-            per_seed[seed].append((end - s, end, s))
-        per_rule[f.name.removesuffix(".benchmark.tsv")] += s
-        total += s
-    wall = max(e for _, e in spans) - min(b for b, _ in spans)
-    print(f"workflow: {len(files)} jobs, wall {wall / 60:.1f} min, job seconds {total / 60:.1f} min, "
+    jobs = job_times(files, Path(a.results))
+    wall = jobs["end"].max() - jobs["start"].min()
+    total = jobs["s"].sum()
+    print(f"workflow: {len(jobs)} jobs, wall {wall / 60:.1f} min, job seconds {total / 60:.1f} min, "
           f"{total / wall:.2f} jobs at once on average")
     rows = []
-    for seed, jobs in sorted(per_seed.items()):
-        span = max(e for _, e, _ in jobs) - min(b for b, _, _ in jobs)
-        busy = sum(s for _, _, s in jobs)
-        print(f"  {seed}: {len(jobs)} jobs, wall {span / 60:.1f} min (goal <= {a.goal_minutes:g} min: "
-              f"{'met' if span <= a.goal_minutes * 60 else 'MISSED'}), job seconds {busy / 60:.1f} min")
+    seeds = jobs.dropna(subset=["seed"]).groupby("seed").agg(jobs=("s", "size"), start=("start", "min"),
+                                                              end=("end", "max"), busy=("s", "sum"))
+    for seed, g in seeds.iterrows():
+        span = g["end"] - g["start"]
+        print(f"  {seed}: {int(g['jobs'])} jobs, wall {span / 60:.1f} min (goal <= {a.goal_minutes:g} min: "
+              f"{'met' if span <= a.goal_minutes * 60 else 'MISSED'}), job seconds {g['busy'] / 60:.1f} min")
         rows.append({"benchmark": f"default workflow wall time, {seed} (min)", "ratio": span / 60,
                      "goal": f"<= {a.goal_minutes:g}"})
-    for rule, s in sorted(per_rule.items(), key=lambda kv: -kv[1]):
+    for rule, s in jobs.groupby("rule", sort=False)["s"].sum().sort_values(ascending=False, kind="stable").items():
         print(f"  {rule:>16}: {s / 60:6.1f} min in all")
     return rows
 

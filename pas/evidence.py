@@ -16,13 +16,14 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import pandas as pd
+
 from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
 from pas.plots import save_figure, search_progress
-from pas.tables import parse_spec, read_table, tex_escape, to_csv
+from pas.tables import (BASELINES, METHOD_ORDER, as_records, csv_text, latex_text, markdown_text, parse_spec,
+                        read_table)
 
-BASELINES = ("uniform", "bn_gamma", "l1")
-METHOD_ORDER = ("pas", *BASELINES, "full", "scratch")
 RUN_KEYS = ("method", "model", "seed", "masks", "history")
 SETTLE_FRACTION = 0.01  # of the final kept channels: "settled" = within this L1 distance from now on
 
@@ -37,38 +38,26 @@ def parse_run_spec(text: str) -> dict[str, str]:
     return spec
 
 
-def spread(values: list[float]) -> dict:
-    """n, mean, sample std (None for one value), min, max."""
-    return {"n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values)}
-
-
 # -- accuracy --------------------------------------------------------------------------------------
-
-def accuracy_rows(rows: list[dict]) -> list[dict]:
-    """One row per (model, method) over the seeds, in the table's model order, methods as METHOD_ORDER."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["model"].split("@")[-1], r["method"]), []).append(r)
-    models = list(dict.fromkeys(key[0] for key in groups))
-    out = []
-    for model in models:
-        for method in METHOD_ORDER:
-            rs = groups.get((model, method))
-            if not rs:
-                continue
-            top1 = spread([r["top1"] for r in rs])
-            out.append({"model": model, "backbone": rs[0]["backbone"], "method": method,
-                        "target_macs": rs[0].get("target_macs"), "macs": statistics.fmean(r["macs"] for r in rs),
-                        "seeds": top1["n"], "top1_mean": top1["mean"], "top1_std": top1["std"],
-                        "top1_min": top1["min"], "top1_max": top1["max"],
-                        "top5_mean": statistics.fmean(r["top5"] for r in rs)})
-    return out
-
 
 ACCURACY_COLUMNS = ["model", "backbone", "method", "target_macs", "macs", "seeds", "top1_mean", "top1_std",
                     "top1_min", "top1_max", "top5_mean"]
+
+
+def accuracy_rows(rows) -> list[dict]:
+    """One row per (model, method) over the seeds of the table's rows (dicts or a frame): seeds, top-1
+    mean, sample std (None for one seed), min and max, mean MACs and top-5; models in the table's
+    order (a baseline's row under the variant it was pruned for), methods as METHOD_ORDER."""
+    frame = pd.DataFrame(rows)
+    model = frame["model"].str.split("@").str[-1]
+    frame = frame.assign(model=model, model_order=pd.factorize(model)[0],
+                         method_order=frame["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}))
+    acc = frame.dropna(subset=["method_order"]).groupby(["model_order", "method_order"]).agg(
+        model=("model", "first"), backbone=("backbone", "first"), method=("method", "first"),
+        target_macs=("target_macs", "first"), macs=("macs", "mean"), seeds=("top1", "count"),
+        top1_mean=("top1", "mean"), top1_std=("top1", "std"), top1_min=("top1", "min"), top1_max=("top1", "max"),
+        top5_mean=("top5", "mean"))
+    return as_records(acc.reset_index(drop=True)[ACCURACY_COLUMNS])
 
 
 def _num(value, digits=2) -> str:
@@ -88,19 +77,20 @@ def _accuracy_cells(r: dict) -> list[str]:
 
 
 ACCURACY_HEADINGS = ["model", "method", "target MACs", "MACs", "seeds", "top-1 % (mean ± std)", "top-1 min-max"]
+ACCURACY_ALIGN = "llrrrrr"  # text left, numbers right
+
+
+def accuracy_display(rows: list[dict]) -> pd.DataFrame:
+    """The accuracy table as shown: text cells under ACCURACY_HEADINGS."""
+    return pd.DataFrame([_accuracy_cells(r) for r in rows], columns=ACCURACY_HEADINGS)
 
 
 def accuracy_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(ACCURACY_HEADINGS) + " |", "|---|---|---:|---:|---:|---:|---:|"]
-    lines += ["| " + " | ".join(_accuracy_cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_text(accuracy_display(rows), ACCURACY_ALIGN)
 
 
 def accuracy_latex(rows: list[dict]) -> str:
-    lines = ["\\begin{tabular}{llrrrrr}", "\\hline", " & ".join(tex_escape(h) for h in ACCURACY_HEADINGS) + " \\\\",
-             "\\hline"]
-    lines += [" & ".join(tex_escape(c).replace("±", "$\\pm$") for c in _accuracy_cells(r)) + " \\\\" for r in rows]
-    return "\n".join(lines + ["\\hline", "\\end{tabular}"]) + "\n"
+    return latex_text(accuracy_display(rows), ACCURACY_ALIGN)
 
 
 def plot_accuracy(rows: list[dict]):
@@ -154,6 +144,9 @@ def settle_point(history: dict, fraction: float = SETTLE_FRACTION) -> tuple[floa
     return near, exact
 
 
+CONVERGENCE_COLUMNS = ["model", "seed", "settled_epoch", "unchanged_from_epoch", "final_kept", "full"]
+
+
 def convergence_rows(runs: list[dict], histories: dict) -> list[dict]:
     out = []
     for run in runs:
@@ -181,18 +174,21 @@ def keep_by_resolution(masks: dict) -> dict[int, float]:
     return {s: kept[s] / full[s] for s in sorted(kept, reverse=True)}
 
 
+PROFILE_COLUMNS = ["model", "backbone", "method", "resolution", "seeds", "keep_mean", "keep_std"]
+
+
 def profile_rows(runs: list[dict], masks: dict, backbones: dict[str, str]) -> list[dict]:
-    groups: dict[tuple[str, str], list[dict[int, float]]] = {}
-    for run in runs:
-        groups.setdefault((run["model"], run["method"]), []).append(keep_by_resolution(masks[run["masks"]]))
-    out = []
-    for (model, method), profiles in groups.items():
-        for size in profiles[0]:
-            s = spread([p[size] for p in profiles])
-            out.append({"model": model, "backbone": backbones.get(model, ""), "method": method, "resolution": size,
-                        "seeds": s["n"], "keep_mean": round(s["mean"], 4),
-                        "keep_std": None if s["std"] is None else round(s["std"], 4)})
-    return out
+    """One row per (model, method) and feature-map side over the seeds: seeds, mean and sample std
+    (None for one seed) of the kept fraction, rounded to 4 places; in the runs' order, largest side
+    first."""
+    kept = pd.DataFrame([{"model": run["model"], "method": run["method"], "resolution": size, "keep": keep}
+                         for run in runs for size, keep in keep_by_resolution(masks[run["masks"]]).items()],
+                        columns=["model", "method", "resolution", "keep"])
+    stats = kept.groupby(["model", "method", "resolution"], sort=False)["keep"].agg(
+        seeds="count", keep_mean="mean", keep_std="std").reset_index()
+    stats["backbone"] = stats["model"].map(backbones).fillna("")
+    stats[["keep_mean", "keep_std"]] = stats[["keep_mean", "keep_std"]].round(4)
+    return as_records(stats[PROFILE_COLUMNS])
 
 
 def early_pruned_harder(masks: dict) -> bool:
@@ -220,6 +216,19 @@ def _against(by_model: dict, targets: list[str], baseline: str) -> str:
             f"{statistics.fmean(diffs):+.2f} on average")
 
 
+def _table(headings: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """The lines of a Markdown table of text cells (`align`: 'l' or 'r' per column)."""
+    return markdown_text(pd.DataFrame(rows, columns=headings), align).splitlines()
+
+
+def _profile_cells(profile: list[dict]) -> list[list[str]]:
+    """[model, method, '14px 38%, 7px 50%, ...'] per (model, method) of the width profile."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in profile:
+        groups.setdefault((p["model"], p["method"]), []).append(f"{p['resolution']}px {100 * p['keep_mean']:.0f}%")
+    return [[model, method, ", ".join(cells)] for (model, method), cells in groups.items()]
+
+
 def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs: list[dict], masks: dict,
                     search_epochs: int) -> str:
     seeds = max((r["seeds"] for r in acc), default=0)
@@ -241,14 +250,13 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
         apart = pas["top1_std"] is not None and best["top1_std"] is not None and \
             pas["top1_mean"] - pas["top1_std"] > best["top1_mean"] + best["top1_std"]
         clear += apart
-        detail.append(f"| {m} | {_macs(pas['target_macs'])} | {_pm(pas)} | " +
-                      " | ".join(_pm(g[b]) if b in g else "" for b in BASELINES) +
-                      f" | {best['method']} | {margin:+.2f} |")
+        detail.append([m, _macs(pas["target_macs"]), _pm(pas), *(_pm(g[b]) if b in g else "" for b in BASELINES),
+                       best["method"], f"{margin:+.2f}"])
     if targets:
         lines += ["## 1. PaS beats uniform width and magnitude pruning at equal MACs",
                   "Paper: +0.3 to +2.7 top-1 over the baselines at equal MACs (ImageNet, RepVGG-B1).", "",
-                  "| model | target | PaS | uniform | BN-gamma | L1 | best baseline | PaS − best |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|", *detail, "",
+                  *_table(["model", "target", "PaS", "uniform", "BN-gamma", "L1", "best baseline", "PaS − best"],
+                          detail, "lrrrrrlr"), "",
                   f"Measured: PaS has the best mean top-1 at {wins} of {len(targets)} targets; at {clear} of them "
                   f"its mean minus one std is above the best baseline's mean plus one std. Against each "
                   f"baseline: " + "; ".join(_against(by_model, targets, b) for b in BASELINES
@@ -267,9 +275,9 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
     if pairs:
         lines += ["## 1b. PaS beats the uniform smaller family member at similar MACs",
                   "Paper: about +1.0 top-1 over uniform RepVGG at similar speed.", "",
-                  "| PaS | MACs | top-1 | from scratch | MACs | top-1 | difference |", "|---|---:|---:|---|---:|---:|---:|"]
-        lines += [f"| {p['model']} | {_macs(p['macs'])} | {_pm(p)} | {s['model']} | {_macs(s['macs'])} | {_pm(s)} | "
-                  f"{p['top1_mean'] - s['top1_mean']:+.2f} |" for p, s in pairs]
+                  *_table(["PaS", "MACs", "top-1", "from scratch", "MACs", "top-1", "difference"],
+                          [[p["model"], _macs(p["macs"]), _pm(p), s["model"], _macs(s["macs"]), _pm(s),
+                            f"{p['top1_mean'] - s['top1_mean']:+.2f}"] for p, s in pairs], "lrrlrrr")]
         better = sum(p["top1_mean"] > s["top1_mean"] for p, s in pairs)
         lines += ["", f"**Verdict: {'holds' if better == len(pairs) else 'holds in part' if better else 'does not hold'}"
                       f"** ({better} of {len(pairs)} pairs).", ""]
@@ -283,10 +291,9 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
                   f"(latest {latest:.2f}); they stop changing at all from epoch "
                   f"{statistics.fmean(c['unchanged_from_epoch'] for c in conv):.2f} on average "
                   f"(latest {max(c['unchanged_from_epoch'] for c in conv):.2f}).", "",
-                  "| model | seed | within 1% from epoch | unchanged from epoch | kept / full channels |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {c['model']} | {c['seed']} | {c['settled_epoch']:.2f} | {c['unchanged_from_epoch']:.2f} | "
-                  f"{c['final_kept']} / {c['full']} |" for c in conv]
+                  *_table(["model", "seed", "within 1% from epoch", "unchanged from epoch", "kept / full channels"],
+                          [[c["model"], str(c["seed"]), f"{c['settled_epoch']:.2f}", f"{c['unchanged_from_epoch']:.2f}",
+                            f"{c['final_kept']} / {c['full']}"] for c in conv], "lrrrr")]
         lines += ["", f"**Verdict: {'holds' if latest <= search_epochs - 1 else 'does not hold'}** (settled before "
                       f"the last search epoch in {sum(c['settled_epoch'] <= search_epochs - 1 for c in conv)} of "
                       f"{len(conv)} searches).", ""]
@@ -297,12 +304,9 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
         lines += ["## 3. Early high-resolution layers are pruned harder",
                   "Paper: the high-resolution early stages keep 12-26% of their channels, stage 3 keeps "
                   "43-65% (RepVGG-B1).", "",
-                  "| model | method | keep fraction per feature-map side (mean over seeds) |", "|---|---|---|"]
-        for (model, method) in dict.fromkeys((p["model"], p["method"]) for p in profile):
-            cells = ", ".join(f"{p['resolution']}px {100 * p['keep_mean']:.0f}%" for p in profile
-                              if p["model"] == model and p["method"] == method)
-            lines.append(f"| {model} | {method} | {cells} |")
-        lines += ["", f"Measured: in {harder} of {len(pas_runs)} PaS searches the highest-resolution layers keep a "
+                  *_table(["model", "method", "keep fraction per feature-map side (mean over seeds)"],
+                          _profile_cells(profile), "lll"),
+                  "", f"Measured: in {harder} of {len(pas_runs)} PaS searches the highest-resolution layers keep a "
                       f"smaller fraction than all lower-resolution layers together.",
                   f"**Verdict: {'holds' if harder == len(pas_runs) else 'holds in part' if harder else 'does not hold'}**.",
                   ""]
@@ -313,22 +317,21 @@ def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs
 
 def make_evidence(table: str | Path, runs: list[dict], out_dir: str | Path, search_epochs: int) -> list[Path]:
     rows = read_table(table)
-    if not rows:
+    if rows.empty:
         raise PasError(f"{str(table)!r} has no rows")
     masks = {r["masks"]: read_json(r["masks"]) for r in runs}
     histories = {r["history"]: read_json(r["history"]) for r in runs if "history" in r}
     acc = accuracy_rows(rows)
     conv = convergence_rows(runs, histories)
-    backbones = {r["model"].split("@")[-1]: r["backbone"] for r in rows}
+    backbones = dict(zip(rows["model"].str.split("@").str[-1], rows["backbone"]))
     profile = profile_rows(runs, masks, backbones)
     out_dir = Path(out_dir)
     written = {
-        "accuracy.csv": to_csv(acc, ACCURACY_COLUMNS),
+        "accuracy.csv": csv_text(pd.DataFrame(acc, columns=ACCURACY_COLUMNS)),
         "accuracy.md": accuracy_markdown(acc),
         "accuracy.tex": accuracy_latex(acc),
-        "convergence.csv": to_csv(conv, ["model", "seed", "settled_epoch", "unchanged_from_epoch", "final_kept", "full"]),
-        "width_profile.csv": to_csv(profile, ["model", "backbone", "method", "resolution", "seeds", "keep_mean",
-                                              "keep_std"]),
+        "convergence.csv": csv_text(pd.DataFrame(conv, columns=CONVERGENCE_COLUMNS)),
+        "width_profile.csv": csv_text(pd.DataFrame(profile, columns=PROFILE_COLUMNS)),
         "claims.md": claims_markdown(acc, conv, profile, runs, masks, search_epochs),
     }
     paths = []

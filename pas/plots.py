@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pas.errors import PasError
 from pas.io import atomic_path
-from pas.tables import read_table
+from pas.tables import as_records, read_table
 
 FIGURES = ("widths", "accuracy_latency", "accuracy_macs", "gates", "search_macs")
 FORMATS = ("png", "pdf")
@@ -168,7 +168,7 @@ def plot_search_macs(histories: dict[str, dict]):
 def make_plots(table: str | Path, histories: dict[str, str | Path], out_dir: str | Path,
                seed: int | None = None) -> list[Path]:
     """Every figure; `seed` keeps the table rows of that seed only (the histories are one seed's)."""
-    rows = read_table(table)
+    rows = as_records(read_table(table))
     if seed is not None:
         rows = [r for r in rows if r.get("seed") in (None, seed)]
         if not rows:

@@ -457,6 +457,7 @@ def evaluate(cfg: dict, *, arch: str, weights: str, out: str) -> dict:
     tracker = _tracker(cfg, "evaluate", world, out, weights_in=weights)  # a failing store fails before any output
     atomic_write_json(out, result)
     tracker.metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
+    tracker.tags({"widths": " ".join(map(str, result["widths"]))})  # the table's widths (pas tables --from-mlflow)
     tracker.artifact(out)
     tracker.finish(True)
     return result

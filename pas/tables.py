@@ -8,13 +8,20 @@ caller (the workflow), one `--row eval=PATH,masks=PATH,search=PATH,finetune=PATH
     search    pas search's metrics: search wall time
     finetune  pas finetune's metrics: fine-tune wall time
     train     pas pretrain's metrics: training wall time of a reference network
+
+or, with `--from-mlflow URI`, from the runs the same stages logged to an MLflow store: each
+evaluate run is a row, the search, prune, finetune and pretrain runs of the same variant and seed
+give its target and wall times.
+
+The table is a pandas DataFrame, and pandas writes it: the CSV, the Markdown (through tabulate) and
+the LaTeX (through Styler, which escapes LaTeX's special characters).
 """
 from __future__ import annotations
 
-import csv
-import io
 import re
 from pathlib import Path
+
+import pandas as pd
 
 from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
@@ -22,10 +29,17 @@ from pas.io import atomic_write_text, read_json
 ROW_KEYS = ("eval", "masks", "search", "finetune", "train")
 COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "macs", "macs_ptflops", "params", "top1", "top5",
            "latency_device", "search_s", "finetune_s", "train_s", "widths"]
+TEXT_COLUMNS = ("model", "method", "backbone", "latency_device", "widths")
+# Whole numbers: the CSV writes them without a decimal point, and an empty cell where there is none.
+COUNT_COLUMNS = ("seed", "target_macs", "macs", "macs_ptflops", "params")
 # Shown in the Markdown/LaTeX tables (the CSV has every column), with their headings.
 DISPLAY = {"model": "model", "method": "method", "seed": "seed", "backbone": "backbone", "target_macs": "target MACs",
            "macs": "MACs", "params": "params", "top1": "top-1 %", "top5": "top-5 %"}
+LEFT_ALIGNED = ("model", "method", "backbone")
+BASELINES = ("uniform", "bn_gamma", "l1")
+METHOD_ORDER = ("pas", *BASELINES, "full", "scratch")
 _LATENCY = re.compile(r"latency_ms_(?P<device>[a-z]+)_b(?P<batch>\d+)$")
+_EVAL_KEYS = ("macs", "params", "top1", "top5")
 
 
 def parse_spec(text: str, *, what: str, keys: tuple[str, ...], value: str = "PATH") -> dict[str, str]:
@@ -53,39 +67,142 @@ def latency_device(result: dict) -> str:
     return "cuda" if "cuda" in devices else "cpu"
 
 
-def table_row(spec: dict[str, str]) -> dict:
-    """One row from the files of one network."""
-    ev = read_json(spec["eval"])
+# -- rows ------------------------------------------------------------------------------------------
+
+def eval_row(ev: dict, source: str, *, target_macs=None, search_s=None, finetune_s=None, train_s=None) -> dict:
+    """One row from an evaluation's values (pas evaluate's output, or its MLflow run's metrics and
+    tags) and the target and wall times of the stages before it; `source` names it in errors."""
+    missing = [k for k in _EVAL_KEYS if k not in ev]
+    if missing:
+        raise PasError(f"{source} has no {missing[0]!r}; expected the values of pas evaluate")
     device = latency_device(ev)
     seed = ev.get("seed")
-    row = {"model": ev.get("variant", Path(spec["eval"]).parent.name), "method": ev.get("method", ""),
-           "seed": None if seed is None else int(seed),
-           "backbone": ev.get("backbone", ""), "target_macs": None, "macs": ev["macs"],
-           "macs_ptflops": ev.get("macs_ptflops"), "params": ev["params"], "top1": ev["top1"],
-           "top5": ev["top5"], "latency_device": device}
+    row = {"model": ev["variant"], "method": ev.get("method", ""), "seed": None if seed is None else int(seed),
+           "backbone": ev.get("backbone", ""), "macs": ev["macs"], "macs_ptflops": ev.get("macs_ptflops"),
+           "params": ev["params"], "top1": ev["top1"], "top5": ev["top5"], "latency_device": device,
+           # a reference network (the full backbone, one trained from scratch) has no target
+           "target_macs": None if ev.get("method") in ("full", "scratch") else target_macs,
+           "search_s": search_s, "finetune_s": finetune_s, "train_s": train_s,
+           "widths": " ".join(str(w) for w in ev.get("widths", []))}
     for key, value in ev.items():
         m = _LATENCY.match(key)
         if m and m["device"] == device:
             row[f"latency_ms_b{m['batch']}"] = value
             row[f"throughput_b{m['batch']}"] = ev.get(f"throughput_{device}_b{m['batch']}")
-    if "masks" in spec and row["method"] not in ("full", "scratch"):
-        row["target_macs"] = read_json(spec["masks"]).get("target_macs")
-    for key in ("search", "finetune", "train"):
-        row[f"{key}_s"] = read_json(spec[key])["wall_seconds"] if key in spec else None
-    row["widths"] = " ".join(str(w) for w in ev.get("widths", []))
     return row
 
 
-def columns(rows: list[dict]) -> list[str]:
+def table_row(spec: dict[str, str]) -> dict:
+    """One row from the files of one network."""
+    ev = {"variant": Path(spec["eval"]).parent.name, **read_json(spec["eval"])}
+    target = read_json(spec["masks"]).get("target_macs") if "masks" in spec else None
+    times = {f"{key}_s": read_json(spec[key])["wall_seconds"] for key in ("search", "finetune", "train") if key in spec}
+    return eval_row(ev, repr(spec["eval"]), target_macs=target, **times)
+
+
+def columns(names) -> list[str]:
     """COLUMNS with the latency/throughput columns of the measured batch sizes after the accuracy."""
-    timed = sorted({k for r in rows for k in r if k.startswith(("latency_ms_b", "throughput_b"))},
+    timed = sorted({k for k in names if k.startswith(("latency_ms_b", "throughput_b"))},
                    key=lambda k: (int(k.rsplit("_b", 1)[1]), k.startswith("throughput")))
     i = COLUMNS.index("latency_device")
     return COLUMNS[:i] + timed + COLUMNS[i:]
 
 
+def table_frame(rows) -> pd.DataFrame:
+    """The table of `rows` (dicts or a frame): its columns in table order, counts as whole numbers,
+    every other number a float, text as text."""
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        raise PasError("no rows to tabulate")
+    frame = frame.reindex(columns=columns(frame.columns))
+    numbers = [c for c in frame.columns if c not in TEXT_COLUMNS and c not in COUNT_COLUMNS]
+    return frame.astype({**{c: "Int64" for c in COUNT_COLUMNS}, **{c: "float64" for c in numbers}})
+
+
+def in_table_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows by seed, then method (METHOD_ORDER, others after it by name), then model name."""
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    order = frame.assign(_rank=frame["method"].map(rank).fillna(len(METHOD_ORDER)))
+    order = order.sort_values(["seed", "_rank", "method", "model"], kind="stable", na_position="first")
+    return order.drop(columns="_rank").reset_index(drop=True)
+
+
+# -- rows from an MLflow store ---------------------------------------------------------------------
+
+_RUN_KEY = ("tags.variant", "tags.seed")
+
+
+def store_rows(uri: str, experiment: str) -> list[dict]:
+    """One row per network and seed from the finished runs of `experiment`: the newest evaluate run
+    of each, with the target of its search or prune run and the wall times of its search, finetune
+    and pretrain runs (the runs of the same variant and seed)."""
+    runs = finished_runs(uri, experiment)
+    evals = newest_runs(runs, "evaluate")
+    if evals.empty:
+        raise PasError(f"experiment {experiment!r} of MLflow store {uri!r} has no finished evaluate run; "
+                       f"expected the runs of pas evaluate")
+    target = {**stage_values(runs, "search", "target_macs"), **stage_values(runs, "prune", "target_macs")}
+    times = {f"{stage}_s": stage_values(runs, stage, "wall_seconds") for stage in ("search", "finetune")}
+    times["train_s"] = stage_values(runs, "pretrain", "wall_seconds")
+    rows = []
+    for run in evals.to_dict("records"):
+        key = tuple(run[k] for k in _RUN_KEY)
+        rows.append(eval_row(run_values(run), f"evaluate run {run['run_id']}", target_macs=target.get(key),
+                             **{column: values.get(key) for column, values in times.items()}))
+    return rows
+
+
+def finished_runs(uri: str, experiment: str) -> pd.DataFrame:
+    """Every finished run of `experiment` (mlflow.search_runs' frame), newest first."""
+    import mlflow
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise PasError(f"MLflow store {uri!r} does not exist; expected the store the stages logged to")
+    try:  # an unreadable database, a server that does not answer: one line, not a traceback
+        found = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except Exception as e:
+        raise PasError(f"MLflow store {uri!r} cannot be read: {str(e).splitlines()[0]}") from None
+    if found is None:
+        raise PasError(f"MLflow store {uri!r} has no experiment {experiment!r}")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # search_runs reads the process's store; given back below
+    try:
+        runs = mlflow.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    if "tags.backbone" in runs:  # a run without a variant tag is its backbone's, as its run name says
+        runs["tags.variant"] = runs.reindex(columns=["tags.variant"])["tags.variant"].fillna(runs["tags.backbone"])
+    return runs
+
+
+def newest_runs(runs: pd.DataFrame, stage: str) -> pd.DataFrame:
+    """The newest run of `stage` per variant and seed: a stage run again replaces its earlier runs."""
+    if runs.empty or "tags.stage" not in runs:
+        return runs.iloc[0:0]
+    return runs[runs["tags.stage"] == stage].drop_duplicates(list(_RUN_KEY))  # runs come newest first
+
+
+def stage_values(runs: pd.DataFrame, stage: str, metric: str) -> dict[tuple, float]:
+    """{(variant, seed): the metric's value in that row's newest `stage` run}, where it was logged."""
+    newest = newest_runs(runs, stage)
+    if f"metrics.{metric}" not in newest:
+        return {}
+    logged = newest[newest[f"metrics.{metric}"].notna()]
+    return dict(zip(zip(*(logged[k] for k in _RUN_KEY)), logged[f"metrics.{metric}"]))
+
+
+def run_values(run: dict) -> dict:
+    """A run's logged metrics and tags by name, as pas evaluate's output holds them."""
+    values = {k.split(".", 1)[1]: v for k, v in run.items()
+              if k.startswith(("metrics.", "tags.")) and not pd.isna(v)}
+    values["widths"] = values.get("widths", "").split()
+    return values
+
+
+# -- CSV, Markdown and LaTeX -----------------------------------------------------------------------
+
 def _fmt(key: str, value) -> str:
-    if value is None or value == "":
+    if pd.isna(value) or value == "":
         return ""
     if key in ("target_macs", "macs", "macs_ptflops", "params"):
         v = float(value)
@@ -99,93 +216,118 @@ def _fmt(key: str, value) -> str:
     return str(value)
 
 
-def _display_columns(cols: list[str], rows: list[dict]) -> dict[str, str]:
+def _display_columns(frame: pd.DataFrame) -> dict[str, str]:
     """The shown columns and their headings; `seed` only when the rows come from several seeds."""
     shown = dict(DISPLAY)
-    if len({r.get("seed") for r in rows}) < 2:
+    if frame["seed"].nunique(dropna=False) < 2:
         del shown["seed"]
-    for c in cols:
+    for c in frame.columns:
         if c.startswith("latency_ms_b"):
             shown[c] = f"ms b{c.rsplit('_b', 1)[1]}"
         elif c.startswith("throughput_b"):
             shown[c] = f"img/s b{c.rsplit('_b', 1)[1]}"
     shown.update({"search_s": "search s", "finetune_s": "fine-tune s", "train_s": "train s"})
-    return {c: shown[c] for c in cols if c in shown}
+    return {c: shown[c] for c in frame.columns if c in shown}
 
 
-def to_csv(rows: list[dict], cols: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in cols} for r in rows)
-    return buf.getvalue()
+def display_frame(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The shown columns of the table under their headings, every cell formatted as text, and the
+    columns' alignment ('l' text, 'r' numbers)."""
+    shown = _display_columns(frame)
+    cells = pd.DataFrame({heading: frame[c].map(lambda v, c=c: _fmt(c, v)) for c, heading in shown.items()})
+    return cells, "".join("l" if c in LEFT_ALIGNED else "r" for c in shown)
 
 
-def to_markdown(rows: list[dict], cols: list[str], device: str) -> str:
-    shown = _display_columns(cols, rows)
-    lines = [f"Latency in ms and throughput in images/s measured on {device}.", "",
-             "| " + " | ".join(shown.values()) + " |",
-             "|" + "|".join("---" if c in ("model", "method", "backbone") else "---:" for c in shown) + "|"]
-    lines += ["| " + " | ".join(_fmt(c, r.get(c)) for c in shown) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def csv_text(frame: pd.DataFrame) -> str:
+    return frame.to_csv(index=False, lineterminator="\n")
 
 
-def tex_escape(text: str) -> str:
-    return re.sub(r"([&%$#_{}])", r"\\\1", text)
+def markdown_text(cells: pd.DataFrame, align: str) -> str:
+    """A pipe table of text cells, each column aligned as `align` says ('l' or 'r' per column)."""
+    sides = {"l": "left", "r": "right"}
+    # the cells are formatted already: tabulate must not read "90.50" as a number and print 90.5
+    return cells.to_markdown(index=False, colalign=[sides[a] for a in align], disable_numparse=True) + "\n"
 
 
-def to_latex(rows: list[dict], cols: list[str], device: str) -> str:
-    shown = _display_columns(cols, rows)
-    align = "".join("l" if c in ("model", "method", "backbone") else "r" for c in shown)
-    lines = [f"% Latency in ms and throughput in images/s measured on {device}.",
-             f"\\begin{{tabular}}{{{align}}}", "\\hline",
-             " & ".join(tex_escape(h) for h in shown.values()) + " \\\\", "\\hline"]
-    lines += [" & ".join(tex_escape(_fmt(c, r.get(c))) for c in shown) + " \\\\" for r in rows]
-    lines += ["\\hline", "\\end{tabular}"]
-    return "\n".join(lines) + "\n"
+def latex_text(cells: pd.DataFrame, align: str) -> str:
+    """A tabular of text cells with every LaTeX special character escaped and ± as $\\pm$."""
+    def pm(text: str) -> str:  # runs after the escaping, so the $ stays math mode
+        return text.replace("±", "$\\pm$")
+    hline = [{"selector": rule, "props": ":hline;"} for rule in ("toprule", "midrule", "bottomrule")]
+    styler = (cells.style.hide(axis="index").format(pm, escape="latex").format_index(pm, escape="latex", axis=1)
+              .set_table_styles(hline))
+    return styler.to_latex(column_format=align)
 
 
-def write_tables(rows: list[dict], out_dir: str | Path, stem: str = "main") -> list[Path]:
+def write_tables(frame: pd.DataFrame, out_dir: str | Path, stem: str = "main") -> list[Path]:
     """out_dir/stem.csv, .md and .tex, each written atomically."""
-    if not rows:
-        raise PasError("no rows to tabulate")
     out_dir = Path(out_dir)
-    cols = columns(rows)
-    devices = sorted({r["latency_device"] for r in rows})
-    device = " and ".join(devices)
-    paths = [out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "tex")]
-    for path, text in zip(paths, (to_csv(rows, cols), to_markdown(rows, cols, device), to_latex(rows, cols, device))):
-        atomic_write_text(path, text)
+    device = " and ".join(sorted(frame["latency_device"].unique()))
+    note = f"Latency in ms and throughput in images/s measured on {device}."
+    cells, align = display_frame(frame)
+    texts = {"csv": csv_text(frame), "md": f"{note}\n\n{markdown_text(cells, align)}",
+             "tex": f"% {note}\n{latex_text(cells, align)}"}
+    paths = []
+    for ext, text in texts.items():
+        atomic_write_text(out_dir / f"{stem}.{ext}", text)
+        paths.append(out_dir / f"{stem}.{ext}")
     return paths
 
 
-def read_table(path: str | Path) -> list[dict]:
-    """The CSV back as rows, numbers as floats, empty cells as None."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k, v in r.items():
-            if k in ("model", "method", "backbone", "latency_device", "widths"):
-                continue
-            if k == "seed":
-                r[k] = int(v) if v not in ("", None) else None
-                continue
-            r[k] = float(v) if v not in ("", None) else None
-        r["widths"] = [int(w) for w in (r.get("widths") or "").split()]
-    return rows
+# -- reading the CSV back --------------------------------------------------------------------------
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """The CSV pas tables wrote: text columns as text (empty, not missing, where blank), `seed` a
+    whole number, every other column a float, blank cells missing."""
+    try:
+        # only a blank cell is missing: a model named "NA" or "nan" stays a name
+        frame = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False, na_values=[""])
+    except FileNotFoundError:
+        raise PasError(f"table {str(path)!r} does not exist") from None
+    except pd.errors.EmptyDataError:
+        raise PasError(f"table {str(path)!r} is empty; expected the CSV written by pas tables") from None
+    missing = [c for c in ("model", "method") if c not in frame]
+    if missing:
+        raise PasError(f"table {str(path)!r} has no column {missing[0]!r}; expected the CSV written by pas tables")
+    text = [c for c in TEXT_COLUMNS if c in frame]
+    frame[text] = frame[text].fillna("")
+    numbers = [c for c in frame.columns if c not in TEXT_COLUMNS and c != "seed"]
+    return frame.astype({**({"seed": "Int64"} if "seed" in frame else {}), **{c: "float64" for c in numbers}})
+
+
+def as_records(frame: pd.DataFrame) -> list[dict]:
+    """The rows as dicts: missing values None, `widths` a list of ints."""
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    for r in records:
+        if "widths" in r:
+            r["widths"] = [int(w) for w in (r["widths"] or "").split()]
+    return records
+
+
+# -- command line ----------------------------------------------------------------------------------
 
 def main(args) -> int:
-    rows = [table_row(parse_row_spec(text)) for text in args.row]
-    for path in write_tables(rows, args.out_dir, args.stem):
+    if args.from_mlflow:
+        frame = in_table_order(table_frame(store_rows(args.from_mlflow, args.experiment or "pas")))
+    elif args.experiment:
+        raise PasError(f"--experiment {args.experiment!r}: expected it with --from-mlflow (the JSON rows of "
+                       f"--row have no experiment)")
+    else:
+        frame = table_frame([table_row(parse_row_spec(text)) for text in args.row])
+    for path in write_tables(frame, args.out_dir, args.stem):
         print(path)
     return 0
 
 
 def add_subcommand(sub) -> None:
-    p = sub.add_parser("tables", help="results table (CSV, Markdown, LaTeX) from evaluate/search/finetune JSONs")
-    p.add_argument("--row", action="append", required=True, metavar="eval=PATH[,masks=PATH,...]",
-                   help=f"the files of one network; keys: {', '.join(ROW_KEYS)} (repeat per row)")
+    p = sub.add_parser("tables", help="results table (CSV, Markdown, LaTeX) from the stages' JSON files or "
+                                      "their MLflow runs")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--row", action="append", metavar="eval=PATH[,masks=PATH,...]",
+                        help=f"the files of one network; keys: {', '.join(ROW_KEYS)} (repeat per row)")
+    source.add_argument("--from-mlflow", metavar="URI",
+                        help="read the rows from the runs in this MLflow store instead (rows by seed, method, model)")
+    p.add_argument("--experiment", help="the MLflow experiment of --from-mlflow (default: pas)")
     p.add_argument("--out-dir", required=True, help="writes STEM.csv, STEM.md and STEM.tex here")
     p.add_argument("--stem", default="main", help="file name stem (default: main)")
     p.set_defaults(func=main)

@@ -6,25 +6,20 @@ import json
 import statistics
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 import pas.models
 from pas.errors import PasError
-from pas.evidence import (accuracy_rows, claims_markdown, early_pruned_harder, keep_by_resolution,
-                          parse_run_spec, settle_point, spread)
+from pas.evidence import (accuracy_latex, accuracy_markdown, accuracy_rows, claims_markdown, early_pruned_harder,
+                          keep_by_resolution, parse_run_spec, profile_rows, settle_point)
 
 
 def history(kept_per_record, steps_per_epoch=2):
     records = [{"epoch": i // steps_per_epoch + 1, "step": i % steps_per_epoch, "record": i, "macs": 0, "kept": k}
                for i, k in enumerate(kept_per_record)]
     return {"full_widths": [4, 4], "records": records}
-
-
-def test_spread_is_the_sample_mean_and_std():
-    s = spread([90.0, 92.0, 94.0])
-    assert s == {"n": 3, "mean": 92.0, "std": 2.0, "min": 90.0, "max": 94.0}
-    assert spread([91.5])["std"] is None
 
 
 def test_settle_point_is_the_first_record_after_the_last_change():
@@ -77,6 +72,54 @@ def test_accuracy_rows_aggregate_each_method_and_target_over_the_seeds():
     assert acc[2]["top1_std"] == 0.0
 
 
+def test_width_profile_is_the_mean_and_sample_std_of_the_kept_fraction_over_the_seeds():
+    masks = {"s0": {"widths": [2, 4, 8, 8], "full_widths": [8, 8, 16, 16], "layer_sizes": [14, 14, 7, 4]},
+             "s1": {"widths": [3, 4, 5, 8], "full_widths": [8, 8, 16, 16], "layer_sizes": [14, 14, 7, 4]},
+             "l1": {"widths": [3, 3, 9, 8], "full_widths": [8, 8, 16, 16], "layer_sizes": [14, 14, 7, 4]}}
+    runs = [{"model": "PaS-A", "method": "pas", "masks": "s0"}, {"model": "PaS-A", "method": "l1", "masks": "l1"},
+            {"model": "PaS-A", "method": "pas", "masks": "s1"}]
+    # kept fractions at 14 px: 6/16 and 7/16 (mean 0.40625, std 0.0442); at 7 px: 8/16 and 5/16 (std 0.1326)
+    assert profile_rows(runs, masks, {"PaS-A": "b0"}) == [
+        {"model": "PaS-A", "backbone": "b0", "method": "pas", "resolution": 14, "seeds": 2, "keep_mean": 0.4062,
+         "keep_std": 0.0442},
+        {"model": "PaS-A", "backbone": "b0", "method": "pas", "resolution": 7, "seeds": 2, "keep_mean": 0.4062,
+         "keep_std": 0.1326},
+        {"model": "PaS-A", "backbone": "b0", "method": "pas", "resolution": 4, "seeds": 2, "keep_mean": 0.5,
+         "keep_std": 0.0},
+        {"model": "PaS-A", "backbone": "b0", "method": "l1", "resolution": 14, "seeds": 1, "keep_mean": 0.375,
+         "keep_std": None},
+        {"model": "PaS-A", "backbone": "b0", "method": "l1", "resolution": 7, "seeds": 1, "keep_mean": 0.5625,
+         "keep_std": None},
+        {"model": "PaS-A", "backbone": "b0", "method": "l1", "resolution": 4, "seeds": 1, "keep_mean": 0.5,
+         "keep_std": None}]
+
+
+def table_cells(markdown: str) -> list[list[str]]:
+    """The cells of every row of the Markdown tables in `markdown`, stripped."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("|")]
+
+
+def test_accuracy_table_shows_mean_and_std_as_plus_minus_in_markdown_and_latex():
+    rows = [row("PaS_A", "pas", t, s, macs=516544) for s, t in enumerate((87.5, 88.5))]
+    rows += [row("b", "full", 90.0, 0, macs=2.5e9)]
+    acc = accuracy_rows(rows)
+    assert accuracy_latex(acc) == textwrap.dedent(r"""
+        \begin{tabular}{llrrrrr}
+        \hline
+        model & method & target MACs & MACs & seeds & top-1 \% (mean $\pm$ std) & top-1 min-max \\
+        \hline
+        PaS\_A & pas & 0.517M & 0.517M & 2 & 88.00 $\pm$ 0.71 & 87.50-88.50 \\
+        b & full & 2.500G & 2.500G & 1 & 90.00 & 90.00-90.00 \\
+        \hline
+        \end{tabular}
+        """).lstrip()
+    cells = table_cells(accuracy_markdown(acc))
+    assert cells[0] == ["model", "method", "target MACs", "MACs", "seeds", "top-1 % (mean ± std)", "top-1 min-max"]
+    assert cells[2:] == [["PaS_A", "pas", "0.517M", "0.517M", "2", "88.00 ± 0.71", "87.50-88.50"],
+                         ["b", "full", "2.500G", "2.500G", "1", "90.00", "90.00-90.00"]]
+
+
 def test_claims_state_measured_margins_and_honest_verdicts():
     rows = [row("PaS-A", "pas", t, s) for s, t in enumerate((90.0, 91.0))]
     rows += [row("l1@PaS-A", "l1", t, s) for s, t in enumerate((80.0, 81.0))]
@@ -89,13 +132,15 @@ def test_claims_state_measured_margins_and_honest_verdicts():
     conv = [{"model": "PaS-A", "seed": "0", "settled_epoch": 9.5, "unchanged_from_epoch": 9.9, "final_kept": 5,
              "full": 8}]
     text = claims_markdown(acc, conv, [], runs, masks, search_epochs=10)
-    assert "| PaS-A | 1.000M | 90.50 ± 0.71 |  |  | 80.50 ± 0.71 | l1 | +10.00 |" in text
-    assert "| PaS-B | 2.000M | 90.50 ± 0.71 | 92.50 ± 0.71 |  |  | uniform | -2.00 |" in text
+    cells = table_cells(text)
+    assert ["PaS-A", "1.000M", "90.50 ± 0.71", "", "", "80.50 ± 0.71", "l1", "+10.00"] in cells
+    assert ["PaS-B", "2.000M", "90.50 ± 0.71", "92.50 ± 0.71", "", "", "uniform", "-2.00"] in cells
     assert "best mean top-1 at 1 of 2 targets; at 1 of them" in text
     assert ("Against each baseline: uniform: PaS ahead at 0 of 1 targets, by -2.00 on average; "
             "l1: PaS ahead at 1 of 1 targets, by +10.00 on average.") in text
     assert "**Verdict: holds in part** at this scale." in text
-    assert "| PaS-A | 1.000M | 90.50 ± 0.71 | a0 | 1.010M | 89.50 ± 0.71 | +1.00 |" in text  # within 5% of MACs
+    assert ["PaS-A", "1.000M", "90.50 ± 0.71", "a0", "1.010M", "89.50 ± 0.71", "+1.00"] in cells  # within 5% of MACs
+    assert ["PaS-A", "0", "9.50", "9.90", "5 / 8"] in cells
     assert "**Verdict: does not hold** (settled before the last search epoch in 0 of 1 searches)." in text
     assert "in 1 of 1 PaS searches the highest-resolution layers keep a smaller fraction" in text
 

@@ -15,8 +15,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 # conda-forge names of the pip distributions, where they differ
 CONDA_NAMES = {"torch": "pytorch", "matplotlib": "matplotlib-base"}
-# needed without being imported by pas/: torch.onnx.export writes the ONNX file with it
-RUNTIME_ONLY = {"onnx"}
+# needed without being imported by pas/: torch.onnx.export writes the ONNX file with onnx, pandas
+# writes Markdown with tabulate and LaTeX with jinja2
+RUNTIME_ONLY = {"onnx", "tabulate", "jinja2"}
 
 
 def _name(requirement: str) -> str:
