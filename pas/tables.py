@@ -3,7 +3,10 @@
 Every row is read from the JSON files the stages wrote; which files belong to one row is said by the
 caller (the workflow), one `--row eval=PATH,masks=PATH,search=PATH,finetune=PATH,train=PATH` each:
 
-    eval      pas evaluate's output (required): accuracy, MACs, params, latency, tags
+    eval      pas evaluate's output (required): accuracy, MACs, params, tags
+    latency   pas latency's output: the latencies of every network timed side by side (the row's
+              entry is seed{S}/{method}/{model}); PyTorch's are `latency_ms_bN`/`throughput_bN`,
+              ONNX Runtime's `ort_latency_ms_bN`, on the GPU when it was timed there, else the CPU
     masks     masks.json of pas search / pas prune: the target MACs the row was pruned to
     search    pas search's metrics: search wall time
     finetune  pas finetune's metrics: fine-tune wall time
@@ -26,7 +29,7 @@ import pandas as pd
 from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
 
-ROW_KEYS = ("eval", "masks", "search", "finetune", "train")
+ROW_KEYS = ("eval", "masks", "search", "finetune", "train", "latency")
 COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "macs", "macs_ptflops", "params", "top1", "top5",
            "latency_device", "search_s", "finetune_s", "train_s", "widths"]
 TEXT_COLUMNS = ("model", "method", "backbone", "latency_device", "widths")
@@ -69,9 +72,30 @@ def latency_device(result: dict) -> str:
 
 # -- rows ------------------------------------------------------------------------------------------
 
+def latency_name(ev: dict) -> str:
+    """How pas latency's output names a row's network (the workflow's --model NAME)."""
+    return f"seed{ev.get('seed')}/{ev.get('method')}/{ev.get('model', ev.get('variant'))}"
+
+
+def timed_values(latency: dict, name: str, source: str) -> dict:
+    """One network's rows of pas latency's output, as evaluate-style keys:
+    latency_ms_{device}_bN / throughput_{device}_bN (PyTorch), ort_latency_ms_{device}_bN (ONNX Runtime)."""
+    rows = [r for r in latency["rows"] if r["model"] == name]
+    if not rows:
+        raise PasError(f"{source} has no network {name!r}; expected one pas latency timed")
+    values = {}
+    for r in rows:
+        prefix = "" if r["runtime"] == "pytorch" else "ort_"
+        values[f"{prefix}latency_ms_{r['device']}_b{r['batch']}"] = r["latency_ms"]
+        if not prefix:
+            values[f"throughput_{r['device']}_b{r['batch']}"] = r["throughput"]
+    return values
+
+
 def eval_row(ev: dict, source: str, *, target_macs=None, search_s=None, finetune_s=None, train_s=None) -> dict:
     """One row from an evaluation's values (pas evaluate's output, or its MLflow run's metrics and
-    tags) and the target and wall times of the stages before it; `source` names it in errors."""
+    tags, with pas latency's values of the network) and the target and wall times of the stages
+    before it; `source` names it in errors."""
     missing = [k for k in _EVAL_KEYS if k not in ev]
     if missing:
         raise PasError(f"{source} has no {missing[0]!r}; expected the values of pas evaluate")
@@ -89,12 +113,16 @@ def eval_row(ev: dict, source: str, *, target_macs=None, search_s=None, finetune
         if m and m["device"] == device:
             row[f"latency_ms_b{m['batch']}"] = value
             row[f"throughput_b{m['batch']}"] = ev.get(f"throughput_{device}_b{m['batch']}")
+            if f"ort_{key}" in ev:
+                row[f"ort_latency_ms_b{m['batch']}"] = ev[f"ort_{key}"]
     return row
 
 
 def table_row(spec: dict[str, str]) -> dict:
     """One row from the files of one network."""
     ev = {"variant": Path(spec["eval"]).parent.name, **read_json(spec["eval"])}
+    if "latency" in spec:
+        ev.update(timed_values(read_json(spec["latency"]), latency_name(ev), repr(spec["latency"])))
     target = read_json(spec["masks"]).get("target_macs") if "masks" in spec else None
     times = {f"{key}_s": read_json(spec[key])["wall_seconds"] for key in ("search", "finetune", "train") if key in spec}
     return eval_row(ev, repr(spec["eval"]), target_macs=target, **times)
@@ -102,8 +130,9 @@ def table_row(spec: dict[str, str]) -> dict:
 
 def columns(names) -> list[str]:
     """COLUMNS with the latency/throughput columns of the measured batch sizes after the accuracy."""
-    timed = sorted({k for k in names if k.startswith(("latency_ms_b", "throughput_b"))},
-                   key=lambda k: (int(k.rsplit("_b", 1)[1]), k.startswith("throughput")))
+    kinds = ("latency_ms_b", "ort_latency_ms_b", "throughput_b")
+    timed = sorted({k for k in names if k.startswith(kinds)},
+                   key=lambda k: (int(k.rsplit("_b", 1)[1]), [k.startswith(x) for x in kinds].index(True)))
     i = COLUMNS.index("latency_device")
     return COLUMNS[:i] + timed + COLUMNS[i:]
 
@@ -209,7 +238,7 @@ def _fmt(key: str, value) -> str:
         return f"{v / 1e9:.3f}G" if v >= 1e9 else f"{v / 1e6:.3f}M" if v >= 1e6 else f"{v / 1e3:.1f}K"
     if key in ("top1", "top5"):
         return f"{float(value):.2f}"
-    if key.startswith("latency_ms"):
+    if key.startswith(("latency_ms", "ort_latency_ms")):
         return f"{float(value):.3f}"
     if key.startswith("throughput") or key.endswith("_s"):
         return f"{float(value):.0f}"
@@ -224,6 +253,8 @@ def _display_columns(frame: pd.DataFrame) -> dict[str, str]:
     for c in frame.columns:
         if c.startswith("latency_ms_b"):
             shown[c] = f"ms b{c.rsplit('_b', 1)[1]}"
+        elif c.startswith("ort_latency_ms_b"):
+            shown[c] = f"ORT ms b{c.rsplit('_b', 1)[1]}"
         elif c.startswith("throughput_b"):
             shown[c] = f"img/s b{c.rsplit('_b', 1)[1]}"
     shown.update({"search_s": "search s", "finetune_s": "fine-tune s", "train_s": "train s"})
@@ -263,7 +294,7 @@ def write_tables(frame: pd.DataFrame, out_dir: str | Path, stem: str = "main") -
     """out_dir/stem.csv, .md and .tex, each written atomically."""
     out_dir = Path(out_dir)
     device = " and ".join(sorted(frame["latency_device"].unique()))
-    note = f"Latency in ms and throughput in images/s measured on {device}."
+    note = f"Latency in ms (PyTorch; ORT: ONNX Runtime) and throughput in images/s measured on {device}."
     cells, align = display_frame(frame)
     texts = {"csv": csv_text(frame), "md": f"{note}\n\n{markdown_text(cells, align)}",
              "tex": f"% {note}\n{latex_text(cells, align)}"}

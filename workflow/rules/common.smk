@@ -255,9 +255,10 @@ def deploy_flags(wildcards):
 
 
 def evaluate_flags(wildcards):
+    """Accuracy, MACs and params only: the latency job times every network side by side later."""
     backbone = model_backbone(wildcards.method, wildcards.model)
     return set_flags({**common_slice(backbone, tags_for(wildcards.method, wildcards.model, wildcards.seed)),
-                      "evaluate": config["evaluate"]})
+                      "evaluate": {"batch_sizes": []}})
 
 
 def full_masks_flags(wildcards):
@@ -336,12 +337,21 @@ def evaluate_resources():
     return res
 
 
+def whole_machine(wildcards):
+    """A local run's every core (--cores), so that the job runs alone; on a cluster the job asks for a
+    node of its own instead (LATENCY_RESOURCES)."""
+    cores = workflow.resource_settings.cores
+    return cores if isinstance(cores, int) and 0 < cores < 100_000 else EVAL_THREADS
+
+
 # Evaluated once the config is complete: rules read these at definition time.
 TRAIN_THREADS = config["resources"]["train"]["threads"]
 LIGHT_THREADS = config["resources"]["light"]["threads"]
 EVAL_THREADS = max(LIGHT_THREADS, config["evaluate"]["threads"])
 LIGHT_RESOURCES = light_resources()
 EVAL_RESOURCES = evaluate_resources()
+# the latency job: the evaluation's request, on a node no other job shares
+LATENCY_RESOURCES = {**EVAL_RESOURCES, "slurm_extra": "--exclusive"}
 
 
 wildcard_constraints:
@@ -358,7 +368,7 @@ def table_rows(wildcards=None):
     for seed in seeds():
         for method, model in models():
             d = model_dir(method, model, seed)
-            files = {"eval": f"{d}/eval.json"}
+            files = {"eval": f"{d}/eval.json", "latency": LATENCY_JSON}
             if method == "full":
                 files["train"] = f"{pretrain_dir(model, seed)}/metrics.json"
             elif method == "scratch":
@@ -372,8 +382,35 @@ def table_rows(wildcards=None):
     return rows
 
 
+LATENCY_JSON = "results/latency/latency.json"
+
+
+def latency_name(method, model, seed):
+    """How `pas latency` reports a table row's network: seed, method and model."""
+    return f"seed{seed}/{method}/{model}"
+
+
+def latency_inputs(wildcards=None):
+    """Every deployed network of every seed: the one latency job times them all side by side."""
+    return [f"{deployed_dir(method, model, seed)}/{name}" for seed in seeds() for method, model in models()
+            for name in ("arch.json", "model.safetensors")]
+
+
+def deployed_dir(method, model, seed):
+    return f"{model_dir(method, model, seed)}/deploy"
+
+
+def latency_flags(wildcards=None):
+    e = config["evaluate"]
+    flags = [f"--model {shlex.quote(f'{latency_name(method, model, seed)}={deployed_dir(method, model, seed)}')}"
+             for seed in seeds() for method, model in models()]
+    flags += [f"--batch-sizes {' '.join(str(b) for b in e['batch_sizes'])}", f"--rounds {e['repeats']}",
+              f"--warmup {e['warmup']}", f"--threads {e['threads']}", f"--runtimes {' '.join(e['runtimes'])}"]
+    return " ".join(flags)
+
+
 def table_files(wildcards=None):
-    return [path for row in table_rows() for path in row.values()]
+    return list(dict.fromkeys(path for row in table_rows() for path in row.values()))
 
 
 def table_flags(wildcards=None):

@@ -158,3 +158,28 @@ rule evaluate:
     shell:
         "pas evaluate {params.stage} --set threads={threads} --arch {input.arch} --weights {input.weights} "
         "--out {output.result} > {log} 2>&1"
+
+
+rule latency:
+    """Every deployed network of every seed timed side by side, alone on the machine, with PyTorch
+    and ONNX Runtime at each batch size, alternating round by round (`pas latency`): the latencies of
+    the table, comparable with each other."""
+    input:
+        latency_inputs,
+    output:
+        LATENCY_JSON,
+    log:
+        "results/latency/logs/latency.log",
+    benchmark:
+        "results/latency/logs/latency.benchmark.tsv"
+    params:
+        flags=latency_flags,
+    # every core of a local run, so that no other job runs while it measures; on SLURM a node of its
+    # own (--exclusive) instead
+    threads: whole_machine
+    resources:
+        **LATENCY_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas latency {params.flags} --out {output} > {log} 2>&1"
