@@ -26,7 +26,7 @@ import pandas as pd
 
 from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
-from pas.plots import save_figure, search_progress
+from pas.plots import SCRATCH_MATCH, plot_accuracy_macs, save_figure, scratch_for, search_progress
 from pas.tables import (BASELINES, METHOD_ORDER, as_records, csv_text, latex_text, markdown_text, parse_spec,
                         read_table)
 
@@ -99,41 +99,10 @@ def accuracy_latex(rows: list[dict]) -> str:
     return latex_text(accuracy_display(rows), ACCURACY_ALIGN)
 
 
-def plot_accuracy(rows: list[dict]):
-    from pas.plots import MARKERS, grid
-    backbones = list(dict.fromkeys(r["backbone"] for r in rows if r["method"] not in ("full", "scratch")))
-    fig, axes = grid(max(1, len(backbones)), width=6, height=4.5)
-    for ax, backbone in zip(axes, backbones):
-        for i, method in enumerate(("pas", *BASELINES)):
-            mine = sorted((r for r in rows if r["backbone"] == backbone and r["method"] == method),
-                          key=lambda r: r["macs"])
-            if mine:
-                ax.errorbar([r["macs"] / 1e6 for r in mine], [r["top1_mean"] for r in mine],
-                            yerr=[r["top1_std"] or 0.0 for r in mine], marker=MARKERS[method], capsize=3,
-                            color=f"C{i}", label=method, ms=9 if method == "pas" else 6)
-        family = backbone.split("_")[0]
-        for r in rows:  # the full backbone, and the members of its family trained from scratch
-            if (r["method"] == "full" and r["model"] == backbone) or (
-                    r["method"] == "scratch" and r["model"].split("_")[0] == family):
-                ax.errorbar([r["macs"] / 1e6], [r["top1_mean"]], yerr=[r["top1_std"] or 0.0],
-                            marker=MARKERS[r["method"]], color="0.3", capsize=3, ls="none")
-                ax.annotate(f"{r['method']} {r['model']}", (r["macs"] / 1e6, r["top1_mean"]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
-        n = max((r["seeds"] for r in rows), default=1)
-        ax.set(title=f"{backbone}: top-1 over {n} seed{'s' * (n > 1)} (mean ± std)", xlabel="MACs (M)",
-               ylabel="top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return fig
-
-
 # -- paired comparisons ----------------------------------------------------------------------------
 
 CONFIDENCE = 0.95
 ONE_SEED = "one seed: no interval"
-# A scratch member stands for the variants whose target is within 1% of its MACs: the rule the workflow
-# uses for a scratch member's `target` tag.
-SCRATCH_MATCH = 0.01
 
 
 def t_quantile(dof: float, confidence: float = CONFIDENCE) -> float:
@@ -200,14 +169,6 @@ def _top1_by_seed(frame: pd.DataFrame, what: str) -> pd.Series:
     return frame.set_index("seed")["top1"]
 
 
-def matching_scratch(target_macs, scratch: pd.DataFrame) -> list[str]:
-    """The scratch members whose MACs are within SCRATCH_MATCH of the target: |target / MACs - 1| <= 1%."""
-    if target_macs is None or pd.isna(target_macs):
-        return []
-    macs = scratch.groupby("model", sort=False)["macs"].mean()
-    return [m for m, v in macs.items() if abs(target_macs / v - 1) <= SCRATCH_MATCH]
-
-
 def comparison_rows(rows) -> list[dict]:
     """PaS against each baseline at each target, paired by seed (the same pretrained network:
     paired_interval of PaS top-1 minus the baseline's), and against each scratch member at its MACs
@@ -215,6 +176,7 @@ def comparison_rows(rows) -> list[dict]:
     frame = pd.DataFrame(rows)
     frame = frame.assign(target=frame["model"].str.split("@").str[-1])
     scratch = frame[frame["method"] == "scratch"]
+    members = scratch.groupby("model", sort=False)["macs"].mean().to_dict()
     out = []
     for target, pas in frame[frame["method"] == "pas"].groupby("target", sort=False):
         mine = _top1_by_seed(pas, f"pas {target}")
@@ -231,7 +193,7 @@ def comparison_rows(rows) -> list[dict]:
             out.append({**base, "against": baseline, "against_model": f"{baseline}@{target}", "test": "paired t",
                         "seeds_pas": len(seeds), "seeds_against": len(seeds), "pas_top1": mine[seeds].mean(),
                         "against_top1": theirs[seeds].mean(), **stats})
-        for member in matching_scratch(base["target_macs"], scratch):
+        for member in scratch_for(base["target_macs"], members):
             theirs = scratch.loc[scratch["model"] == member, "top1"].tolist()
             stats = welch_interval(mine.tolist(), theirs)
             out.append({**base, "against": "scratch", "against_model": member, "test": "Welch t",
@@ -527,7 +489,7 @@ def make_evidence(table: str | Path, runs: list[dict], out_dir: str | Path, sear
     for name, text in written.items():
         atomic_write_text(out_dir / name, text)
         paths.append(out_dir / name)
-    return paths + save_figure(plot_accuracy(acc), out_dir, "accuracy")
+    return paths + save_figure(plot_accuracy_macs(as_records(rows)), out_dir, "accuracy")
 
 
 def main(args) -> int:

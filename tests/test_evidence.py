@@ -14,8 +14,8 @@ import pas.models
 from pas.errors import PasError
 from pas.evidence import (accuracy_latex, accuracy_markdown, accuracy_rows, claims, claims_markdown,
                           comparison_markdown, comparison_rows, early_pruned_harder, interval_verdict,
-                          keep_by_resolution, overall_verdict, paired_interval, parse_run_spec, profile_rows, settle_point, t_quantile,
-                          verdicts_json, welch_interval)
+                          keep_by_resolution, overall_verdict, paired_interval, parse_run_spec, profile_rows,
+                          settle_point, t_quantile, verdicts_json, welch_interval)
 
 
 def history(kept_per_record, steps_per_epoch=2):
@@ -173,7 +173,8 @@ def test_comparisons_pair_pas_and_each_baseline_by_seed():
     rows = [row("PaS-A", "pas", t, s) for s, t in ((2, 95.0), (0, 90.0), (1, 91.0))]
     rows += [row("uniform@PaS-A", "uniform", t, s) for s, t in enumerate((89.0, 89.0, 92.0))]  # 1, 2, 3
     rows += [row("bn_gamma@PaS-A", "bn_gamma", t, s) for s, t in enumerate((93.0, 94.0, 98.0))]  # -3, -3, -3
-    rows += [row("l1@PaS-A", "l1", t, s) for s, t in enumerate((80.0, 81.0, 82.0, 50.0))]  # 10, 10, 13 (seed 3 unpaired)
+    # 10, 10, 13; seed 3 has no PaS row to pair with
+    rows += [row("l1@PaS-A", "l1", t, s) for s, t in enumerate((80.0, 81.0, 82.0, 50.0))]
     rows += [row("repvgg_a0_mini", "scratch", t, s, macs=1.005e6) for s, t in enumerate((88.0, 89.0, 93.0))]
     rows += [row("repvgg_a1_mini", "scratch", 99.0, 0, macs=1.02e6)]  # 2% away from the target: not compared
     got = {c["against_model"]: c for c in comparison_rows(rows)}
