@@ -27,7 +27,8 @@ rule tables:
 
 
 rule plots:
-    """Widths per layer, accuracy vs latency and MACs (Pareto front), gate convergence, search MACs."""
+    """Widths per layer (against the full backbone and the scratch member at the same MACs), accuracy vs
+    PyTorch latency and MACs over every seed, gate convergence, search MACs."""
     input:
         table="results/tables/main.csv",
         histories=plot_inputs,
