@@ -5,14 +5,20 @@ search histories of every pruned row:
                    reference rows (CSV, Markdown, LaTeX, and a plot with error bars)
     convergence    when the gates settle: the search epoch after which the kept channels per layer stay
                    within 1% of their final counts (and when they stop changing at all)
+    comparisons    PaS minus each baseline at each target, paired by seed, and minus the scratch
+                   member at its MACs, with a 95% Student t interval and a verdict from it: ahead,
+                   behind or within noise (CSV, Markdown)
     width profile  the fraction of channels kept at each feature-map resolution, per method
     claims.md      each claim, what was measured and whether it holds here
+    verdicts.json  each claim's verdict and the measured sentence it follows from
 
 One row of input per pruned network and seed: `--run method=pas,model=PaS-A,seed=0,masks=PATH,history=PATH`
 (history only for PaS).
 """
 from __future__ import annotations
 
+import json
+import math
 import statistics
 from pathlib import Path
 
@@ -20,7 +26,7 @@ import pandas as pd
 
 from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
-from pas.plots import save_figure, search_progress
+from pas.plots import SCRATCH_MATCH, plot_accuracy_macs, save_figure, scratch_for, search_progress
 from pas.tables import (BASELINES, METHOD_ORDER, as_records, csv_text, latex_text, markdown_text, parse_spec,
                         read_table)
 
@@ -93,32 +99,133 @@ def accuracy_latex(rows: list[dict]) -> str:
     return latex_text(accuracy_display(rows), ACCURACY_ALIGN)
 
 
-def plot_accuracy(rows: list[dict]):
-    from pas.plots import MARKERS, grid
-    backbones = list(dict.fromkeys(r["backbone"] for r in rows if r["method"] not in ("full", "scratch")))
-    fig, axes = grid(max(1, len(backbones)), width=6, height=4.5)
-    for ax, backbone in zip(axes, backbones):
-        for i, method in enumerate(("pas", *BASELINES)):
-            mine = sorted((r for r in rows if r["backbone"] == backbone and r["method"] == method),
-                          key=lambda r: r["macs"])
-            if mine:
-                ax.errorbar([r["macs"] / 1e6 for r in mine], [r["top1_mean"] for r in mine],
-                            yerr=[r["top1_std"] or 0.0 for r in mine], marker=MARKERS[method], capsize=3,
-                            color=f"C{i}", label=method, ms=9 if method == "pas" else 6)
-        family = backbone.split("_")[0]
-        for r in rows:  # the full backbone, and the members of its family trained from scratch
-            if (r["method"] == "full" and r["model"] == backbone) or (
-                    r["method"] == "scratch" and r["model"].split("_")[0] == family):
-                ax.errorbar([r["macs"] / 1e6], [r["top1_mean"]], yerr=[r["top1_std"] or 0.0],
-                            marker=MARKERS[r["method"]], color="0.3", capsize=3, ls="none")
-                ax.annotate(f"{r['method']} {r['model']}", (r["macs"] / 1e6, r["top1_mean"]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
-        n = max((r["seeds"] for r in rows), default=1)
-        ax.set(title=f"{backbone}: top-1 over {n} seed{'s' * (n > 1)} (mean ± std)", xlabel="MACs (M)",
-               ylabel="top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return fig
+# -- paired comparisons ----------------------------------------------------------------------------
+
+CONFIDENCE = 0.95
+ONE_SEED = "one seed: no interval"
+
+
+def t_quantile(dof: float, confidence: float = CONFIDENCE) -> float:
+    """The two-sided Student t quantile t_{(1 + confidence)/2, dof} (4.303 for 2 dof at 95%)."""
+    from scipy.stats import t
+    if not dof > 0:
+        raise PasError(f"t quantile for {dof} degrees of freedom: expected a positive number")
+    return float(t.ppf((1 + confidence) / 2, dof))
+
+
+def paired_interval(diffs: list[float], confidence: float = CONFIDENCE) -> dict:
+    """Mean d and sample std s of the n paired differences, and the interval
+    d ± t_{(1+confidence)/2, n-1} · s / sqrt(n); t, low and high are None for one pair."""
+    n = len(diffs)
+    if n == 0:
+        raise PasError("no paired differences: expected at least one seed with both rows")
+    mean = statistics.fmean(diffs)
+    if n == 1:
+        return {"diff_mean": mean, "diff_std": None, "dof": None, "t": None, "ci_low": None, "ci_high": None}
+    std = statistics.stdev(diffs)
+    t = t_quantile(n - 1, confidence)
+    half = t * std / math.sqrt(n)
+    return {"diff_mean": mean, "diff_std": std, "dof": float(n - 1), "t": t, "ci_low": mean - half,
+            "ci_high": mean + half}
+
+
+def welch_interval(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> dict:
+    """Difference of means d = mean(a) - mean(b) of two independent samples and Welch's interval
+    d ± t_{(1+confidence)/2, v} · se, se² = s_a²/n_a + s_b²/n_b, with the Welch-Satterthwaite
+    v = se⁴ / ((s_a²/n_a)²/(n_a-1) + (s_b²/n_b)²/(n_b-1)); no interval (None) when a side has one
+    value; the point d when both spreads are zero."""
+    if not a or not b:
+        raise PasError("Welch interval of an empty sample: expected a value on both sides")
+    mean = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return {"diff_mean": mean, "diff_std": None, "dof": None, "t": None, "ci_low": None, "ci_high": None}
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {"diff_mean": mean, "diff_std": 0.0, "dof": None, "t": None, "ci_low": mean, "ci_high": mean}
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t = t_quantile(dof, confidence)
+    return {"diff_mean": mean, "diff_std": se, "dof": dof, "t": t, "ci_low": mean - t * se, "ci_high": mean + t * se}
+
+
+def interval_verdict(low, high) -> str:
+    """'ahead' when the interval of PaS minus the other lies entirely above 0, 'behind' entirely
+    below 0, 'within noise' when it contains 0; ONE_SEED without an interval."""
+    if low is None or high is None:
+        return ONE_SEED
+    return "ahead" if low > 0 else "behind" if high < 0 else "within noise"
+
+
+COMPARISON_COLUMNS = ["model", "backbone", "target_macs", "against", "against_model", "test", "seeds_pas",
+                      "seeds_against", "pas_top1", "against_top1", "diff_mean", "diff_std", "dof", "t", "ci_low",
+                      "ci_high", "verdict"]
+
+
+def _top1_by_seed(frame: pd.DataFrame, what: str) -> pd.Series:
+    """top-1 indexed by seed; two rows of one seed are an error (the pairing would be ambiguous)."""
+    duplicated = frame["seed"][frame["seed"].duplicated()]
+    if not duplicated.empty:
+        raise PasError(f"the table has two rows of {what} for seed {duplicated.iloc[0]}; expected one per seed")
+    return frame.set_index("seed")["top1"]
+
+
+def comparison_rows(rows) -> list[dict]:
+    """PaS against each baseline at each target, paired by seed (the same pretrained network:
+    paired_interval of PaS top-1 minus the baseline's), and against each scratch member at its MACs
+    (independent trainings: welch_interval); a verdict from each 95% interval."""
+    frame = pd.DataFrame(rows)
+    frame = frame.assign(target=frame["model"].str.split("@").str[-1])
+    scratch = frame[frame["method"] == "scratch"]
+    members = scratch.groupby("model", sort=False)["macs"].mean().to_dict()
+    out = []
+    for target, pas in frame[frame["method"] == "pas"].groupby("target", sort=False):
+        mine = _top1_by_seed(pas, f"pas {target}")
+        base = {"model": target, "backbone": pas["backbone"].iloc[0], "target_macs": pas["target_macs"].iloc[0]}
+        for baseline in BASELINES:
+            theirs = frame[(frame["method"] == baseline) & (frame["target"] == target)]
+            if theirs.empty:
+                continue
+            theirs = _top1_by_seed(theirs, f"{baseline} {target}")
+            seeds = mine.index.intersection(theirs.index)  # only the seeds both rows have are pairs
+            if seeds.empty:
+                continue
+            stats = paired_interval((mine[seeds] - theirs[seeds]).tolist())
+            out.append({**base, "against": baseline, "against_model": f"{baseline}@{target}", "test": "paired t",
+                        "seeds_pas": len(seeds), "seeds_against": len(seeds), "pas_top1": mine[seeds].mean(),
+                        "against_top1": theirs[seeds].mean(), **stats})
+        for member in scratch_for(base["target_macs"], members):
+            theirs = scratch.loc[scratch["model"] == member, "top1"].tolist()
+            stats = welch_interval(mine.tolist(), theirs)
+            out.append({**base, "against": "scratch", "against_model": member, "test": "Welch t",
+                        "seeds_pas": len(mine), "seeds_against": len(theirs), "pas_top1": mine.mean(),
+                        "against_top1": statistics.fmean(theirs), **stats})
+    for r in out:
+        r["verdict"] = interval_verdict(r["ci_low"], r["ci_high"])
+    return out
+
+
+def _interval(r: dict) -> str:
+    return "" if r["ci_low"] is None else f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+
+
+COMPARISON_HEADINGS = ["model", "target MACs", "against", "test", "seeds", "PaS top-1", "other top-1",
+                       "PaS − other (mean)", "95% interval", "verdict"]
+
+
+def comparison_display(comparisons: list[dict]) -> pd.DataFrame:
+    """The comparison table as shown: text cells under COMPARISON_HEADINGS."""
+    cells = [[r["model"], _macs(r["target_macs"]), r["against_model"], r["test"],
+              str(r["seeds_pas"]) if r["test"] == "paired t" else f"{r['seeds_pas']} / {r['seeds_against']}",
+              f"{r['pas_top1']:.2f}", f"{r['against_top1']:.2f}", f"{r['diff_mean']:+.2f}", _interval(r), r["verdict"]]
+             for r in comparisons]
+    return pd.DataFrame(cells, columns=COMPARISON_HEADINGS)
+
+
+def comparison_markdown(comparisons: list[dict]) -> str:
+    note = (f"PaS top-1 minus the other's, with a {CONFIDENCE:.0%} Student t interval: paired by seed against "
+            f"a baseline (pruned from the same pretrained network), Welch's for a scratch member (independent "
+            f"trainings). Verdict: ahead (interval above 0), behind (below 0), within noise (contains 0).")
+    return f"{note}\n\n{markdown_text(comparison_display(comparisons), 'llllrrrrrl')}"
 
 
 # -- convergence -----------------------------------------------------------------------------------
@@ -208,14 +315,6 @@ def _pm(r: dict) -> str:
     return f"{r['top1_mean']:.2f}" + ("" if r["top1_std"] is None else f" ± {r['top1_std']:.2f}")
 
 
-def _against(by_model: dict, targets: list[str], baseline: str) -> str:
-    """'uniform: PaS ahead at 4 of 6 targets, by +0.52 on average'."""
-    diffs = [by_model[m]["pas"]["top1_mean"] - by_model[m][baseline]["top1_mean"] for m in targets
-             if baseline in by_model[m]]
-    return (f"{baseline}: PaS ahead at {sum(d > 0 for d in diffs)} of {len(diffs)} targets, by "
-            f"{statistics.fmean(diffs):+.2f} on average")
-
-
 def _table(headings: list[str], rows: list[list[str]], align: str) -> list[str]:
     """The lines of a Markdown table of text cells (`align`: 'l' or 'r' per column)."""
     return markdown_text(pd.DataFrame(rows, columns=headings), align).splitlines()
@@ -229,88 +328,135 @@ def _profile_cells(profile: list[dict]) -> list[list[str]]:
     return [[model, method, ", ".join(cells)] for (model, method), cells in groups.items()]
 
 
-def claims_markdown(acc: list[dict], conv: list[dict], profile: list[dict], runs: list[dict], masks: dict,
-                    search_epochs: int) -> str:
-    seeds = max((r["seeds"] for r in acc), default=0)
-    lines = [f"# The paper's claims at this run's scale ({seeds} seed{'s' * (seeds != 1)})", ""]
-    # 1. PaS vs the baselines at equal MACs
+def overall_verdict(verdicts: list[str]) -> str:
+    """A claim that PaS is ahead: 'holds' when every comparison says ahead, 'holds in part' when some
+    do; when none does, 'does not hold' if one says behind, 'not shown' if all are within noise (no
+    evidence either way); 'untested' when no comparison has an interval (one seed)."""
+    if all(v == ONE_SEED for v in verdicts):
+        return "untested"
+    ahead = sum(v == "ahead" for v in verdicts)
+    if ahead:
+        return "holds" if ahead == len(verdicts) else "holds in part"
+    return "does not hold" if "behind" in verdicts else "not shown"
+
+
+def _tally(verdicts: list[str]) -> str:
+    """'ahead at 1, within noise at 2, behind at 0 of 3' (and how many had one seed, if any)."""
+    counts = {v: verdicts.count(v) for v in ("ahead", "within noise", "behind", ONE_SEED)}
+    text = f"ahead at {counts['ahead']}, within noise at {counts['within noise']}, behind at {counts['behind']}"
+    return text + (f", {ONE_SEED} at {counts[ONE_SEED]}" if counts[ONE_SEED] else "") + f" of {len(verdicts)}"
+
+
+def _comparison_cells(comparisons: list[dict]) -> list[list[str]]:
+    shown = comparison_display(comparisons)
+    return shown[["model", "against", "seeds", "PaS − other (mean)", "95% interval", "verdict"]].values.tolist()
+
+
+def _verdict_note(verdict: str) -> str:
+    return f" ({ONE_SEED})" if verdict == "untested" else ""
+
+
+def claim_baselines(acc: list[dict], comparisons: list[dict]) -> dict | None:
+    """Claim 1: PaS ahead of uniform width and magnitude pruning at equal MACs, by the paired intervals."""
+    pairs = [c for c in comparisons if c["against"] in BASELINES]
+    if not pairs:
+        return None
     by_model: dict[str, dict[str, dict]] = {}
     for r in acc:
         by_model.setdefault(r["model"], {})[r["method"]] = r
-    targets = [m for m, g in by_model.items() if "pas" in g and any(b in g for b in BASELINES)]
-    wins = clear = 0
-    detail = []
-    for m in targets:
-        g = by_model[m]
-        pas = g["pas"]
-        others = [g[b] for b in BASELINES if b in g]
-        best = max(others, key=lambda r: r["top1_mean"])
-        margin = pas["top1_mean"] - best["top1_mean"]
-        wins += margin > 0
-        apart = pas["top1_std"] is not None and best["top1_std"] is not None and \
-            pas["top1_mean"] - pas["top1_std"] > best["top1_mean"] + best["top1_std"]
-        clear += apart
-        detail.append([m, _macs(pas["target_macs"]), _pm(pas), *(_pm(g[b]) if b in g else "" for b in BASELINES),
-                       best["method"], f"{margin:+.2f}"])
-    if targets:
-        lines += ["## 1. PaS beats uniform width and magnitude pruning at equal MACs",
-                  "Paper: +0.3 to +2.7 top-1 over the baselines at equal MACs (ImageNet, RepVGG-B1).", "",
-                  *_table(["model", "target", "PaS", "uniform", "BN-gamma", "L1", "best baseline", "PaS − best"],
-                          detail, "lrrrrrlr"), "",
-                  f"Measured: PaS has the best mean top-1 at {wins} of {len(targets)} targets; at {clear} of them "
-                  f"its mean minus one std is above the best baseline's mean plus one std. Against each "
-                  f"baseline: " + "; ".join(_against(by_model, targets, b) for b in BASELINES
-                                            if any(b in by_model[m] for m in targets)) + ".",
-                  f"**Verdict: {'holds' if targets and wins == len(targets) else 'holds in part' if wins else 'does not hold'}"
-                  f"** at this scale.", ""]
-    # 1b. PaS vs the smaller family members trained from scratch at similar MACs
-    scratch = [r for r in acc if r["method"] == "scratch"]
-    pairs = []
-    for s in scratch:
-        close = [by_model[m]["pas"] for m in targets
-                 if abs(by_model[m]["pas"]["macs"] - s["macs"]) <= 0.05 * s["macs"]]
-        if close:
-            p = min(close, key=lambda r: abs(r["macs"] - s["macs"]))
-            pairs.append((p, s))
-    if pairs:
-        lines += ["## 1b. PaS beats the uniform smaller family member at similar MACs",
-                  "Paper: about +1.0 top-1 over uniform RepVGG at similar speed.", "",
-                  *_table(["PaS", "MACs", "top-1", "from scratch", "MACs", "top-1", "difference"],
-                          [[p["model"], _macs(p["macs"]), _pm(p), s["model"], _macs(s["macs"]), _pm(s),
-                            f"{p['top1_mean'] - s['top1_mean']:+.2f}"] for p, s in pairs], "lrrlrrr")]
-        better = sum(p["top1_mean"] > s["top1_mean"] for p, s in pairs)
-        lines += ["", f"**Verdict: {'holds' if better == len(pairs) else 'holds in part' if better else 'does not hold'}"
-                      f"** ({better} of {len(pairs)} pairs).", ""]
-    # 2. convergence
-    if conv:
-        latest = max(c["settled_epoch"] for c in conv)
-        lines += ["## 2. The gates settle within the search epochs",
-                  f"Paper: kept counts settle well within the 10 search epochs. Measured over {len(conv)} searches "
-                  f"of {search_epochs} epochs: the kept channels per layer stay within 1% of their final counts "
-                  f"from search epoch {statistics.fmean(c['settled_epoch'] for c in conv):.2f} on average "
-                  f"(latest {latest:.2f}); they stop changing at all from epoch "
-                  f"{statistics.fmean(c['unchanged_from_epoch'] for c in conv):.2f} on average "
-                  f"(latest {max(c['unchanged_from_epoch'] for c in conv):.2f}).", "",
-                  *_table(["model", "seed", "within 1% from epoch", "unchanged from epoch", "kept / full channels"],
-                          [[c["model"], str(c["seed"]), f"{c['settled_epoch']:.2f}", f"{c['unchanged_from_epoch']:.2f}",
-                            f"{c['final_kept']} / {c['full']}"] for c in conv], "lrrrr")]
-        lines += ["", f"**Verdict: {'holds' if latest <= search_epochs - 1 else 'does not hold'}** (settled before "
-                      f"the last search epoch in {sum(c['settled_epoch'] <= search_epochs - 1 for c in conv)} of "
-                      f"{len(conv)} searches).", ""]
-    # 3. width profile
+    means = [[m, _macs(g["pas"]["target_macs"]), _pm(g["pas"]), *(_pm(g[b]) if b in g else "" for b in BASELINES)]
+             for m, g in by_model.items() if "pas" in g and any(b in g for b in BASELINES)]
+    per_baseline = [f"{b}: {_tally([c['verdict'] for c in pairs if c['against'] == b])} targets"
+                    for b in BASELINES if any(c["against"] == b for c in pairs)]
+    verdict = overall_verdict([c["verdict"] for c in pairs])
+    measured = (f"Paired by seed (the same pretrained network), PaS is {_tally([c['verdict'] for c in pairs])} "
+                f"comparisons ({CONFIDENCE:.0%} Student t interval of the per-seed differences). Against each "
+                f"baseline: " + "; ".join(per_baseline) + ".")
+    lines = ["Paper: +0.3 to +2.7 top-1 over the baselines at equal MACs (ImageNet, RepVGG-B1).", "",
+             *_table(["model", "target", "PaS", "uniform", "BN-gamma", "L1"], means, "lrrrrr"), "",
+             *_table(["model", "against", "seeds", "PaS − other (mean)", "95% interval", "verdict"],
+                     _comparison_cells(pairs), "llrrrl"), "", f"Measured: {measured}"]
+    return {"claim": "1", "title": "PaS beats uniform width and magnitude pruning at equal MACs", "lines": lines,
+            "verdict": verdict, "measured": measured, "suffix": " at this scale"}
+
+
+def claim_scratch(comparisons: list[dict]) -> dict | None:
+    """Claim 1b: PaS ahead of the smaller family member trained from scratch at its MACs (Welch)."""
+    pairs = [c for c in comparisons if c["against"] == "scratch"]
+    if not pairs:
+        return None
+    verdict = overall_verdict([c["verdict"] for c in pairs])
+    measured = (f"Against the family member trained from scratch at each target's MACs (within "
+                f"{SCRATCH_MATCH:.0%}), PaS is {_tally([c['verdict'] for c in pairs])} comparisons "
+                f"({CONFIDENCE:.0%} Welch t interval: independent trainings, not paired).")
+    lines = ["Paper: about +1.0 top-1 over uniform RepVGG at similar speed.", "",
+             *_table(["model", "from scratch", "seeds", "PaS − other (mean)", "95% interval", "verdict"],
+                     _comparison_cells(pairs), "llrrrl"), "", f"Measured: {measured}"]
+    return {"claim": "1b", "title": "PaS beats the uniform smaller family member at the same MACs", "lines": lines,
+            "verdict": verdict, "measured": measured, "suffix": ""}
+
+
+def claim_convergence(conv: list[dict], search_epochs: int) -> dict | None:
+    """Claim 2: the gates settle (within 1% of their final counts) before the last search epoch."""
+    if not conv:
+        return None
+    latest = max(c["settled_epoch"] for c in conv)
+    settled = sum(c["settled_epoch"] <= search_epochs - 1 for c in conv)
+    measured = (f"Over {len(conv)} searches of {search_epochs} epochs, the kept channels per layer stay within "
+                f"1% of their final counts from search epoch {statistics.fmean(c['settled_epoch'] for c in conv):.2f} "
+                f"on average (latest {latest:.2f}); they stop changing at all from epoch "
+                f"{statistics.fmean(c['unchanged_from_epoch'] for c in conv):.2f} on average "
+                f"(latest {max(c['unchanged_from_epoch'] for c in conv):.2f}). Settled before the last search epoch "
+                f"in {settled} of {len(conv)} searches.")
+    lines = ["Paper: kept counts settle well within the 10 search epochs.", "",
+             *_table(["model", "seed", "within 1% from epoch", "unchanged from epoch", "kept / full channels"],
+                     [[c["model"], str(c["seed"]), f"{c['settled_epoch']:.2f}", f"{c['unchanged_from_epoch']:.2f}",
+                       f"{c['final_kept']} / {c['full']}"] for c in conv], "lrrrr"), "", f"Measured: {measured}"]
+    verdict = "holds" if settled == len(conv) else "holds in part" if settled else "does not hold"
+    return {"claim": "2", "title": "The gates settle within the search epochs", "lines": lines, "verdict": verdict,
+            "measured": measured, "suffix": ""}
+
+
+def claim_profile(profile: list[dict], runs: list[dict], masks: dict) -> dict | None:
+    """Claim 3: the highest-resolution layers keep a smaller fraction of their channels."""
     pas_runs = [r for r in runs if r["method"] == "pas"]
-    if pas_runs:
-        harder = sum(early_pruned_harder(masks[r["masks"]]) for r in pas_runs)
-        lines += ["## 3. Early high-resolution layers are pruned harder",
-                  "Paper: the high-resolution early stages keep 12-26% of their channels, stage 3 keeps "
-                  "43-65% (RepVGG-B1).", "",
-                  *_table(["model", "method", "keep fraction per feature-map side (mean over seeds)"],
-                          _profile_cells(profile), "lll"),
-                  "", f"Measured: in {harder} of {len(pas_runs)} PaS searches the highest-resolution layers keep a "
-                      f"smaller fraction than all lower-resolution layers together.",
-                  f"**Verdict: {'holds' if harder == len(pas_runs) else 'holds in part' if harder else 'does not hold'}**.",
-                  ""]
+    if not pas_runs:
+        return None
+    harder = sum(early_pruned_harder(masks[r["masks"]]) for r in pas_runs)
+    measured = (f"In {harder} of {len(pas_runs)} PaS searches the highest-resolution layers keep a smaller "
+                f"fraction than all lower-resolution layers together.")
+    lines = ["Paper: the high-resolution early stages keep 12-26% of their channels, stage 3 keeps 43-65% "
+             "(RepVGG-B1).", "",
+             *_table(["model", "method", "keep fraction per feature-map side (mean over seeds)"],
+                     _profile_cells(profile), "lll"), "", f"Measured: {measured}"]
+    verdict = "holds" if harder == len(pas_runs) else "holds in part" if harder else "does not hold"
+    return {"claim": "3", "title": "Early high-resolution layers are pruned harder", "lines": lines,
+            "verdict": verdict, "measured": measured, "suffix": ""}
+
+
+def claims(acc: list[dict], comparisons: list[dict], conv: list[dict], profile: list[dict], runs: list[dict],
+           masks: dict, search_epochs: int) -> list[dict]:
+    """Every claim the run can test: claim number, title, Markdown body lines, verdict and the
+    measured sentence the verdict follows from."""
+    found = (claim_baselines(acc, comparisons), claim_scratch(comparisons), claim_convergence(conv, search_epochs),
+             claim_profile(profile, runs, masks))
+    return [c for c in found if c is not None]
+
+
+def claims_markdown(acc: list[dict], comparisons: list[dict], conv: list[dict], profile: list[dict],
+                    runs: list[dict], masks: dict, search_epochs: int) -> str:
+    seeds = max((r["seeds"] for r in acc), default=0)
+    lines = [f"# The paper's claims at this run's scale ({seeds} seed{'s' * (seeds != 1)})", ""]
+    for c in claims(acc, comparisons, conv, profile, runs, masks, search_epochs):
+        lines += [f"## {c['claim']}. {c['title']}", *c["lines"],
+                  f"**Verdict: {c['verdict']}**{c['suffix']}{_verdict_note(c['verdict'])}.", ""]
     return "\n".join(lines)
+
+
+def verdicts_json(found: list[dict]) -> str:
+    """The verdict of every claim with the measured sentence it follows from (for captions, READMEs)."""
+    return json.dumps({"claims": [{k: c[k] for k in ("claim", "title", "verdict", "measured")} for c in found]},
+                      indent=2, ensure_ascii=False) + "\n"
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -325,6 +471,8 @@ def make_evidence(table: str | Path, runs: list[dict], out_dir: str | Path, sear
     conv = convergence_rows(runs, histories)
     backbones = dict(zip(rows["model"].str.split("@").str[-1], rows["backbone"]))
     profile = profile_rows(runs, masks, backbones)
+    comparisons = comparison_rows(rows)
+    found = claims(acc, comparisons, conv, profile, runs, masks, search_epochs)
     out_dir = Path(out_dir)
     written = {
         "accuracy.csv": csv_text(pd.DataFrame(acc, columns=ACCURACY_COLUMNS)),
@@ -332,13 +480,16 @@ def make_evidence(table: str | Path, runs: list[dict], out_dir: str | Path, sear
         "accuracy.tex": accuracy_latex(acc),
         "convergence.csv": csv_text(pd.DataFrame(conv, columns=CONVERGENCE_COLUMNS)),
         "width_profile.csv": csv_text(pd.DataFrame(profile, columns=PROFILE_COLUMNS)),
-        "claims.md": claims_markdown(acc, conv, profile, runs, masks, search_epochs),
+        "comparisons.csv": csv_text(pd.DataFrame(comparisons, columns=COMPARISON_COLUMNS)),
+        "comparisons.md": comparison_markdown(comparisons),
+        "claims.md": claims_markdown(acc, comparisons, conv, profile, runs, masks, search_epochs),
+        "verdicts.json": verdicts_json(found),
     }
     paths = []
     for name, text in written.items():
         atomic_write_text(out_dir / name, text)
         paths.append(out_dir / name)
-    return paths + save_figure(plot_accuracy(acc), out_dir, "accuracy")
+    return paths + save_figure(plot_accuracy_macs(as_records(rows)), out_dir, "accuracy")
 
 
 def main(args) -> int:
@@ -357,6 +508,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--run", action="append", required=True, metavar="method=M,model=N,seed=S,masks=PATH[,history=PATH]",
                    help="one pruned network of one seed (repeat); history: a PaS search's history")
     p.add_argument("--search-epochs", type=int, required=True, help="epochs of every search (the claim's horizon)")
-    p.add_argument("--out-dir", required=True, help="writes accuracy.{csv,md,tex,png,pdf}, convergence.csv, "
-                                                    "width_profile.csv and claims.md here")
+    p.add_argument("--out-dir", required=True, help="writes accuracy.{csv,md,tex,png,pdf}, comparisons.{csv,md}, "
+                                                    "convergence.csv, width_profile.csv, claims.md and "
+                                                    "verdicts.json here")
     p.set_defaults(func=main)

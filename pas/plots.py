@@ -1,8 +1,11 @@
 """Figures of a finished run, from the results table and the search histories (PNG + PDF each).
 
-    widths          kept channels per layer: every PaS variant against its full backbone
-    accuracy_latency top-1 against measured latency (batch 1 and the largest batch), Pareto front marked
-    accuracy_macs   top-1 against MACs, Pareto front marked
+    widths          channels per layer of each PaS variant against its full backbone and the scratch
+                    member at its MACs, layers placed by feature-map side
+    accuracy_latency top-1 (mean ± std over the seeds) against PyTorch latency at the largest batch:
+                    one panel per backbone, one line per method across the targets, the full
+                    backbone and the scratch members as reference markers
+    accuracy_macs   the same against MACs
     gates           kept channels per layer (fraction of the full width) against search progress
     search_macs     MACs of the gated network during the search, with each variant's target
 """
@@ -10,6 +13,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from pas.errors import PasError
 from pas.io import atomic_path
@@ -26,17 +32,6 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats: lower cost (x) and higher accuracy (y)."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], float("-inf")
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
 
 
 def search_progress(history: dict) -> list[float]:
@@ -71,70 +66,215 @@ def grid(n: int, width: float = 4.5, height: float = 3.2):
     return fig, list(axes.flat[:n])
 
 
-def plot_widths(rows: list[dict], histories: dict[str, dict]):
-    pas = [r for r in rows if r["method"] == "pas" and r["model"] in histories]
-    backbones = list(dict.fromkeys(r["backbone"] for r in pas))
-    fig, axes = grid(max(1, len(backbones)), width=6)
+# -- accuracy against cost -------------------------------------------------------------------------
+
+# A scratch member stands for the variants whose target is within 1% of its MACs: the rule the workflow
+# uses for a scratch member's `target` tag.
+SCRATCH_MATCH = 0.01
+# Tukey's "far out" fences, with the spread floored so that a tight cluster (a few tenths of a point)
+# does not make every other point an outlier.
+FENCE_K = 3.0
+FENCE_MIN_IQR = 0.5  # top-1 points
+METHOD_COLORS = {"pas": "C0", "uniform": "C1", "bn_gamma": "C2", "l1": "C3"}
+DODGE = 0.01  # of a panel's x-range, between neighbouring methods
+REFERENCE_COLORS = ("0.15", "0.45", "0.65", "0.3", "0.55")
+
+
+def family(name: str) -> str:
+    """'repvgg' of 'repvgg_a0_mini': the members a backbone is compared with share this prefix."""
+    return name.split("_")[0]
+
+
+def scratch_for(target_macs, members: dict[str, float]) -> list[str]:
+    """The scratch members (name: MACs) at a target: |target / MACs - 1| <= SCRATCH_MATCH."""
+    if target_macs is None or target_macs != target_macs:  # None or NaN: a reference row has no target
+        return []
+    return [name for name, macs in members.items() if abs(target_macs / macs - 1) <= SCRATCH_MATCH]
+
+
+def over_seeds(rows: list[dict], xkey: str) -> pd.DataFrame:
+    """One point per (model, method) over the seeds: columns model (a baseline's `method@` prefix
+    dropped, so it names the target), method, backbone, x (mean of `xkey`), y (mean top-1), y_std
+    (sample std, NaN for one seed); rows without `xkey` or top-1 left out; in the rows' order."""
+    frame = pd.DataFrame(rows)
+    if xkey not in frame or frame.empty:
+        return pd.DataFrame(columns=["model", "method", "backbone", "x", "y", "y_std"])
+    frame = frame.dropna(subset=[xkey, "top1"])
+    frame = frame.assign(model=frame["model"].str.split("@").str[-1])
+    return frame.groupby(["model", "method"], sort=False).agg(
+        backbone=("backbone", "first"), x=(xkey, "mean"), y=("top1", "mean"), y_std=("top1", "std")).reset_index()
+
+
+def outlier_fences(values, k: float = FENCE_K, min_iqr: float = FENCE_MIN_IQR) -> tuple[float, float]:
+    """(q1 - k·IQR, q3 + k·IQR) with IQR = max(q3 - q1, min_iqr), quartiles by linear interpolation;
+    (-inf, inf) for fewer than 4 values (too few for quartiles)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 4:
+        return -np.inf, np.inf
+    q1, q3 = np.percentile(values, [25, 75])
+    iqr = max(q3 - q1, min_iqr)
+    return q1 - k * iqr, q3 + k * iqr
+
+
+def y_limits(y, y_std) -> tuple[float, float]:
+    """The y-range of the points inside outlier_fences(y), error bars included: [min(y - std),
+    max(y + std)] padded by 8% of that span on each side (at least 0.25 points)."""
+    y = np.asarray(y, dtype=float)
+    std = np.nan_to_num(np.asarray(y_std, dtype=float))
+    lo, hi = outlier_fences(y)
+    inside = (y >= lo) & (y <= hi)
+    low, high = float(np.min(y[inside] - std[inside])), float(np.max(y[inside] + std[inside]))
+    pad = max(0.08 * (high - low), 0.25)
+    return low - pad, high + pad
+
+
+def _series(ax, pts: pd.DataFrame, limits: tuple[float, float], *, color, marker, label, line: bool, size=6):
+    """Points with error bars inside `limits`; a point outside is drawn on the nearest edge as a
+    triangle pointing off the axis, and named with its value in the legend. Returns the legend's
+    (handle, label) pairs in drawing order."""
+    lo, hi = limits
+    inside = pts[(pts["y"] >= lo) & (pts["y"] <= hi)]
+    if line and len(pts) > 1:  # the line runs to the edge where a point is off the axis
+        ax.plot(pts["x"], pts["y"].clip(lo, hi), color=color, lw=1.2, zorder=2)
+    handle = ax.errorbar(inside["x"], inside["y"], yerr=inside["y_std"].fillna(0.0), fmt=marker, color=color,
+                         ms=size, capsize=3, zorder=3)
+    entries = [(handle, label)]
+    for _, p in pts[(pts["y"] < lo) | (pts["y"] > hi)].iterrows():
+        below = p["y"] < lo
+        edge = ax.scatter([p["x"]], [lo if below else hi], marker="v" if below else "^", color=color, s=70,
+                          clip_on=False, zorder=4)
+        entries.append((edge, f"{label}, {p['model']}: {p['y']:.1f} ({'below' if below else 'above'} the axis)"))
+    return entries
+
+
+def _references(points: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """The full backbone and the scratch members of its family."""
+    full = (points["method"] == "full") & (points["model"] == backbone)
+    scratch = (points["method"] == "scratch") & (points["model"].map(family) == family(backbone))
+    return points[full | scratch]
+
+
+def accuracy_panel(ax, points: pd.DataFrame, backbone: str):
+    """One backbone: a line per method across its targets, the reference networks as markers."""
+    methods = points[(points["backbone"] == backbone) & points["method"].isin(METHOD_COLORS)]
+    refs = _references(points, backbone)
+    shown = pd.concat([methods, refs])
+    limits = y_limits(shown["y"], shown["y_std"])
+    entries = []
+    # the methods share each target's MACs: shifted apart by 1% of the x-range each, so error bars do
+    # not hide one another
+    span = float(shown["x"].max() - shown["x"].min()) or 1.0
+    for i, (method, color) in enumerate(METHOD_COLORS.items()):
+        mine = methods[methods["method"] == method].sort_values("x")
+        mine = mine.assign(x=mine["x"] + DODGE * span * (i - (len(METHOD_COLORS) - 1) / 2))
+        if not mine.empty:
+            entries += _series(ax, mine, limits, color=color, marker=MARKERS[method], label=method, line=True,
+                               size=10 if method == "pas" else 6)
+    for i, (_, r) in enumerate(refs.iterrows()):
+        entries += _series(ax, refs.loc[[r.name]], limits, color=REFERENCE_COLORS[i % len(REFERENCE_COLORS)],
+                           marker=MARKERS[r["method"]], label=f"{r['method']} {r['model']}", line=False, size=8)
+    ax.set_ylim(*limits)
+    ax.grid(alpha=0.3)
+    # outside the axes, so that no entry covers a point
+    ax.legend(*zip(*entries), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def plot_accuracy_vs(rows: list[dict], xkey: str, xlabel: str, scale: float = 1.0):
+    """Top-1 (mean ± std over the seeds) against `xkey` / scale, one panel per searched backbone."""
+    points = over_seeds(rows, xkey)
+    points["x"] = points["x"] / scale
+    backbones = list(dict.fromkeys(points.loc[points["method"].isin(METHOD_COLORS), "backbone"]))
+    seeds = len({r.get("seed") for r in rows})
+    fig, axes = grid(max(1, len(backbones)), width=6.5, height=4.2)
     for ax, backbone in zip(axes, backbones):
-        mine = [r for r in pas if r["backbone"] == backbone]
-        full = histories[mine[0]["model"]]["full_widths"]
-        x = list(range(len(full)))
-        ax.bar(x, full, color="0.85", label=f"{backbone} (full)")
-        for r in mine:
-            ax.plot(x, r["widths"], marker="o", label=f"{r['model']} ({_m(r['macs'])} MACs)")
-        ax.set(title=backbone, xlabel="layer (gated block)", ylabel="channels kept", xticks=x)
-        ax.legend(fontsize=7)
-    fig.suptitle("Searched width per layer")
+        accuracy_panel(ax, points, backbone)
+        ax.set(title=f"{backbone}: top-1 over {seeds} seed{'s' * (seeds > 1)} (mean ± std)", xlabel=xlabel,
+               ylabel="top-1 (%)")
+    return fig
+
+
+def largest_batch(rows: list[dict]) -> int:
+    """The largest batch with a PyTorch latency column (`latency_ms_bN`; ONNX Runtime's are ort_...)."""
+    batches = {int(k.rsplit("_b", 1)[1]) for r in rows for k, v in r.items()
+               if k.startswith("latency_ms_b") and v is not None}
+    if not batches:
+        raise PasError("the table has no latency_ms_bN column with a value; expected PyTorch latencies")
+    return max(batches)
+
+
+def plot_accuracy_latency(rows: list[dict]):
+    b = largest_batch(rows)
+    device = " and ".join(sorted({r["latency_device"] for r in rows if r.get("latency_device")}))
+    return plot_accuracy_vs(rows, f"latency_ms_b{b}", f"PyTorch latency at batch {b} (ms, {device})")
+
+
+def plot_accuracy_macs(rows: list[dict]):
+    return plot_accuracy_vs(rows, "macs", "MACs (M)", scale=1e6)
+
+
+# -- widths ----------------------------------------------------------------------------------------
+
+def side_positions(sizes: list[int]) -> list[float]:
+    """x of every layer: the layers at the k-th feature-map side (in order of appearance) share
+    [k, k + 1), the i-th of n at k + (i + 0.5) / n; networks of different depth line up by side."""
+    sides = list(dict.fromkeys(sizes))
+    counts = {s: sizes.count(s) for s in sides}
+    seen = {s: 0 for s in sides}
+    x = []
+    for s in sizes:
+        x.append(sides.index(s) + (seen[s] + 0.5) / counts[s])
+        seen[s] += 1
+    return x
+
+
+def member_sizes(name: str) -> list[int]:
+    """The feature-map side of every searchable layer of a registered network at its default input
+    (only the grouping by side is used, which the input size does not change)."""
+    from pas.models import arch_for  # imports torch: only when a scratch member is drawn
+    return arch_for(name).searchable_sizes()
+
+
+def widths_panel(ax, row: dict, history: dict, members: list[dict]):
+    """A PaS variant's widths (bars) on its full backbone's (grey bars), with the scratch members at
+    its MACs (lines), every network's layers placed by feature-map side."""
+    sizes = history["layer_sizes"]
+    x = side_positions(sizes)
+    bar = 0.8 / max(sizes.count(s) for s in sizes)
+    entries = [(ax.bar(x, history["full_widths"], width=bar, color="0.85"), f"{row['backbone']} (full)"),
+               (ax.bar(x, row["widths"], width=0.6 * bar, color="C0"), f"{row['model']} ({_m(row['macs'])} MACs)")]
+    for i, m in enumerate(members):
+        member = member_sizes(m["model"])
+        if len(member) != len(m["widths"]):
+            raise PasError(f"scratch member {m['model']!r}: {len(m['widths'])} widths in the table, expected "
+                           f"{len(member)} (its searchable layers)")
+        (line,) = ax.plot(side_positions(member), m["widths"], marker="P", color=f"C{i + 1}", lw=1.2)
+        entries.append((line, f"{m['model']} from scratch ({_m(m['macs'])} MACs)"))
+    sides = list(dict.fromkeys(sizes))
+    ax.set_xticks([k + 0.5 for k in range(len(sides))], [f"{s}px" for s in sides])
+    for k in range(1, len(sides)):
+        ax.axvline(k, color="0.6", lw=0.6, ls=":")
+    # log scale: the head layer (hundreds of channels) would flatten the early layers (a few) on a linear one
+    ax.set_yscale("log", base=2)
+    ax.set(title=row["model"], xlabel="layers by feature-map side", ylabel="channels (log scale)",
+           xlim=(0, len(sides)))
+    ax.legend(*zip(*entries), fontsize=7)
+
+
+def plot_widths(rows: list[dict], histories: dict[str, dict]):
+    """One panel per PaS variant with a search history (the rows are that search's seed)."""
+    pas = list({r["model"]: r for r in rows if r["method"] == "pas" and r["model"] in histories}.values())
+    scratch = [r for r in rows if r["method"] == "scratch"]
+    macs = {r["model"]: r["macs"] for r in scratch}
+    fig, axes = grid(max(1, len(pas)), width=5.5)
+    for ax, r in zip(axes, pas):
+        names = scratch_for(r["target_macs"], macs)
+        widths_panel(ax, r, histories[r["model"]], [s for s in scratch if s["model"] in names])
+    fig.suptitle("Width per layer: PaS against the full backbone and the member trained from scratch at its MACs")
     return fig
 
 
 def _m(macs) -> str:
     return f"{macs / 1e9:.2f}G" if macs >= 1e9 else f"{macs / 1e6:.2f}M"
-
-
-def _scatter(ax, rows: list[dict], xkey: str, xlabel: str):
-    usable = [r for r in rows if r.get(xkey) is not None and r.get("top1") is not None]
-    points = [(r[xkey], r["top1"]) for r in usable]
-    backbones = list(dict.fromkeys(r["backbone"] for r in usable))
-    colors = {b: f"C{i}" for i, b in enumerate(backbones)}
-    for r in usable:
-        ax.scatter(r[xkey], r["top1"], marker=MARKERS.get(r["method"], "x"), color=colors[r["backbone"]],
-                   s=90 if r["method"] == "pas" else 40, zorder=3)
-        ax.annotate(r["model"], (r[xkey], r["top1"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    front = pareto_front(points)
-    if front:
-        xs, ys = zip(*(points[i] for i in front))
-        ax.step(xs, ys, where="post", color="k", lw=1, ls="--", zorder=2, label="Pareto front")
-        ax.scatter(xs, ys, facecolors="none", edgecolors="k", s=160, lw=1, zorder=4)
-    for method, marker in MARKERS.items():
-        if any(r["method"] == method for r in usable):
-            ax.scatter([], [], marker=marker, color="0.3", label=method)
-    for b in backbones:
-        ax.scatter([], [], marker="s", color=colors[b], label=b)
-    ax.set(xlabel=xlabel, ylabel="top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def plot_accuracy_latency(rows: list[dict]):
-    batches = sorted({int(k.rsplit("_b", 1)[1]) for r in rows for k in r if k.startswith("latency_ms_b")})
-    if not batches:
-        raise PasError("the table has no latency columns")
-    shown = sorted({batches[0], batches[-1]})
-    device = " and ".join(sorted({r["latency_device"] for r in rows}))
-    fig, axes = grid(len(shown), width=6, height=4.5)
-    for ax, b in zip(axes, shown):
-        _scatter(ax, rows, f"latency_ms_b{b}", f"latency (ms, batch {b}, {device})")
-        ax.set_title(f"top-1 vs latency, batch {b}")
-    return fig
-
-
-def plot_accuracy_macs(rows: list[dict]):
-    fig, axes = grid(1, width=6, height=4.5)
-    _scatter(axes[0], rows, "macs", "MACs")
-    axes[0].set_xscale("log")
-    axes[0].set_title("top-1 vs MACs")
-    return fig
 
 
 def plot_gates(histories: dict[str, dict]):
@@ -167,11 +307,13 @@ def plot_search_macs(histories: dict[str, dict]):
 
 def make_plots(table: str | Path, histories: dict[str, str | Path], out_dir: str | Path,
                seed: int | None = None) -> list[Path]:
-    """Every figure; `seed` keeps the table rows of that seed only (the histories are one seed's)."""
+    """Every figure: accuracy against latency and MACs over every seed of the table (mean ± std);
+    widths of the table rows of `seed` (the histories are that seed's searches; every row if None)."""
     rows = as_records(read_table(table))
+    searched = rows
     if seed is not None:
-        rows = [r for r in rows if r.get("seed") in (None, seed)]
-        if not rows:
+        searched = [r for r in rows if r.get("seed") in (None, seed)]
+        if not searched:
             raise PasError(f"--seed {seed}: the table {str(table)!r} has no rows of that seed")
     loaded = {}
     for name, path in histories.items():
@@ -180,7 +322,7 @@ def make_plots(table: str | Path, histories: dict[str, str | Path], out_dir: str
         except FileNotFoundError:
             raise PasError(f"search history {str(path)!r} does not exist") from None
     out_dir = Path(out_dir)
-    figures = {"widths": plot_widths(rows, loaded), "accuracy_latency": plot_accuracy_latency(rows),
+    figures = {"widths": plot_widths(searched, loaded), "accuracy_latency": plot_accuracy_latency(rows),
                "accuracy_macs": plot_accuracy_macs(rows), "gates": plot_gates(loaded),
                "search_macs": plot_search_macs(loaded)}
     return [p for name, fig in figures.items() for p in save_figure(fig, out_dir, name)]
@@ -203,6 +345,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--table", required=True, help="the CSV written by pas tables")
     p.add_argument("--history", action="append", default=[], metavar="NAME=PATH",
                    help="a PaS variant's search history JSON (repeat per variant)")
-    p.add_argument("--seed", type=int, help="plot only the table rows of this seed (default: every row)")
+    p.add_argument("--seed", type=int, help="the seed of the search histories: the width figure shows that "
+                                            "seed's rows (default: every row); the accuracy figures show "
+                                            "every seed's (mean ± std)")
     p.add_argument("--out-dir", required=True, help=f"writes {', '.join(FIGURES)} as PNG and PDF here")
     p.set_defaults(func=main)

@@ -12,8 +12,10 @@ import pytest
 
 import pas.models
 from pas.errors import PasError
-from pas.evidence import (accuracy_latex, accuracy_markdown, accuracy_rows, claims_markdown, early_pruned_harder,
-                          keep_by_resolution, parse_run_spec, profile_rows, settle_point)
+from pas.evidence import (accuracy_latex, accuracy_markdown, accuracy_rows, claims, claims_markdown,
+                          comparison_markdown, comparison_rows, early_pruned_harder, interval_verdict,
+                          keep_by_resolution, overall_verdict, paired_interval, parse_run_spec, profile_rows,
+                          settle_point, t_quantile, verdicts_json, welch_interval)
 
 
 def history(kept_per_record, steps_per_epoch=2):
@@ -120,29 +122,124 @@ def test_accuracy_table_shows_mean_and_std_as_plus_minus_in_markdown_and_latex()
                          ["b", "full", "2.500G", "2.500G", "1", "90.00", "90.00-90.00"]]
 
 
-def test_claims_state_measured_margins_and_honest_verdicts():
+def test_t_quantiles_are_the_table_values():
+    # two-sided 95% quantiles from a printed t table
+    assert t_quantile(2) == pytest.approx(4.303, abs=5e-4)
+    assert t_quantile(4) == pytest.approx(2.776, abs=5e-4)
+    assert t_quantile(10) == pytest.approx(2.228, abs=5e-4)
+    with pytest.raises(PasError, match="0 degrees of freedom: expected a positive number"):
+        t_quantile(0)
+
+
+def test_paired_interval_and_verdict_by_hand():
+    # differences 1, 2, 3: mean 2, sample std 1, half-width 4.303 * 1 / sqrt(3) = 2.484
+    r = paired_interval([1.0, 2.0, 3.0])
+    assert (r["diff_mean"], r["diff_std"], r["dof"]) == (2.0, 1.0, 2.0)
+    assert (r["ci_low"], r["ci_high"]) == (pytest.approx(-0.484, abs=1e-3), pytest.approx(4.484, abs=1e-3))
+    assert interval_verdict(r["ci_low"], r["ci_high"]) == "within noise"
+    # differences 1, 1.5, 2: mean 1.5, std 0.5, half-width 1.242: the interval lies above 0
+    r = paired_interval([1.0, 1.5, 2.0])
+    assert (r["ci_low"], r["ci_high"]) == (pytest.approx(0.258, abs=1e-3), pytest.approx(2.742, abs=1e-3))
+    assert interval_verdict(r["ci_low"], r["ci_high"]) == "ahead"
+    assert interval_verdict(-2.0, -0.1) == "behind"
+    one = paired_interval([0.7])
+    assert one["diff_mean"] == 0.7 and one["ci_low"] is None
+    assert interval_verdict(one["ci_low"], one["ci_high"]) == "one seed: no interval"
+    with pytest.raises(PasError, match="no paired differences"):
+        paired_interval([])
+
+
+def test_a_claim_holds_only_where_the_intervals_say_ahead():
+    assert overall_verdict(["ahead", "ahead"]) == "holds"
+    assert overall_verdict(["ahead", "behind", "within noise"]) == "holds in part"
+    assert overall_verdict(["within noise", "behind"]) == "does not hold"
+    assert overall_verdict(["within noise", "within noise"]) == "not shown"
+    assert overall_verdict(["one seed: no interval"]) == "untested"
+
+
+def test_welch_interval_by_hand():
+    # equal variances (7) and sizes (3): se^2 = 7/3 + 7/3, dof = 4, t = 2.776
+    r = welch_interval([90.0, 91.0, 95.0], [88.0, 89.0, 93.0])
+    assert r["diff_mean"] == 2.0 and r["dof"] == pytest.approx(4.0)
+    half = 2.776 * (14 / 3) ** 0.5
+    assert (r["ci_low"], r["ci_high"]) == (pytest.approx(2 - half, abs=2e-3), pytest.approx(2 + half, abs=2e-3))
+    # variances 7 (n 3) and 2 (n 2): dof = (7/3 + 1)^2 / ((7/3)^2 / 2 + 1^2 / 1) = 200/67
+    assert welch_interval([90.0, 91.0, 95.0], [91.0, 93.0])["dof"] == pytest.approx(200 / 67)
+    assert welch_interval([90.0], [91.0, 93.0])["ci_low"] is None
+
+
+def test_comparisons_pair_pas_and_each_baseline_by_seed():
+    # seeds listed out of order on one side: the pairing is by seed, not by position
+    rows = [row("PaS-A", "pas", t, s) for s, t in ((2, 95.0), (0, 90.0), (1, 91.0))]
+    rows += [row("uniform@PaS-A", "uniform", t, s) for s, t in enumerate((89.0, 89.0, 92.0))]  # 1, 2, 3
+    rows += [row("bn_gamma@PaS-A", "bn_gamma", t, s) for s, t in enumerate((93.0, 94.0, 98.0))]  # -3, -3, -3
+    # 10, 10, 13; seed 3 has no PaS row to pair with
+    rows += [row("l1@PaS-A", "l1", t, s) for s, t in enumerate((80.0, 81.0, 82.0, 50.0))]
+    rows += [row("repvgg_a0_mini", "scratch", t, s, macs=1.005e6) for s, t in enumerate((88.0, 89.0, 93.0))]
+    rows += [row("repvgg_a1_mini", "scratch", 99.0, 0, macs=1.02e6)]  # 2% away from the target: not compared
+    got = {c["against_model"]: c for c in comparison_rows(rows)}
+    assert list(got) == ["uniform@PaS-A", "bn_gamma@PaS-A", "l1@PaS-A", "repvgg_a0_mini"]
+    assert got["uniform@PaS-A"]["diff_mean"] == 2.0 and got["uniform@PaS-A"]["verdict"] == "within noise"
+    assert (got["bn_gamma@PaS-A"]["ci_low"], got["bn_gamma@PaS-A"]["ci_high"]) == (-3.0, -3.0)
+    assert got["bn_gamma@PaS-A"]["verdict"] == "behind"
+    # differences 10, 10, 13: mean 11, std sqrt(3), half-width 4.303 * sqrt(3) / sqrt(3)
+    l1 = got["l1@PaS-A"]
+    assert l1["seeds_pas"] == 3 and l1["diff_mean"] == pytest.approx(11.0)
+    assert (l1["ci_low"], l1["ci_high"]) == (pytest.approx(6.697, abs=1e-3), pytest.approx(15.303, abs=1e-3))
+    assert l1["verdict"] == "ahead"
+    scratch = got["repvgg_a0_mini"]
+    assert (scratch["test"], scratch["dof"], scratch["verdict"]) == ("Welch t", pytest.approx(4.0), "within noise")
+    with pytest.raises(PasError, match="two rows of pas PaS-A for seed 0"):
+        comparison_rows(rows + [row("PaS-A", "pas", 1.0, 0)])
+
+
+def test_claims_state_interval_verdicts():
     rows = [row("PaS-A", "pas", t, s) for s, t in enumerate((90.0, 91.0))]
-    rows += [row("l1@PaS-A", "l1", t, s) for s, t in enumerate((80.0, 81.0))]
+    rows += [row("l1@PaS-A", "l1", t, s) for s, t in enumerate((80.0, 81.0))]  # +10, +10: ahead
     rows += [row("PaS-B", "pas", t, s, macs=2e6) for s, t in enumerate((90.0, 91.0))]
-    rows += [row("uniform@PaS-B", "uniform", t, s, macs=2e6) for s, t in enumerate((92.0, 93.0))]
+    rows += [row("uniform@PaS-B", "uniform", t, s, macs=2e6) for s, t in enumerate((92.0, 93.0))]  # -2, -2: behind
     rows += [row("a0", "scratch", t, s, macs=1.01e6) for s, t in enumerate((89.0, 90.0))]
     acc = accuracy_rows(rows)
+    comparisons = comparison_rows(rows)
     masks = {"m": {"widths": [1, 4], "full_widths": [4, 4], "layer_sizes": [8, 4]}}
     runs = [{"method": "pas", "model": "PaS-A", "seed": "0", "masks": "m"}]
     conv = [{"model": "PaS-A", "seed": "0", "settled_epoch": 9.5, "unchanged_from_epoch": 9.9, "final_kept": 5,
              "full": 8}]
-    text = claims_markdown(acc, conv, [], runs, masks, search_epochs=10)
+    text = claims_markdown(acc, comparisons, conv, [], runs, masks, search_epochs=10)
     cells = table_cells(text)
-    assert ["PaS-A", "1.000M", "90.50 ± 0.71", "", "", "80.50 ± 0.71", "l1", "+10.00"] in cells
-    assert ["PaS-B", "2.000M", "90.50 ± 0.71", "92.50 ± 0.71", "", "", "uniform", "-2.00"] in cells
-    assert "best mean top-1 at 1 of 2 targets; at 1 of them" in text
-    assert ("Against each baseline: uniform: PaS ahead at 0 of 1 targets, by -2.00 on average; "
-            "l1: PaS ahead at 1 of 1 targets, by +10.00 on average.") in text
+    assert ["PaS-A", "1.000M", "90.50 ± 0.71", "", "", "80.50 ± 0.71"] in cells
+    assert ["PaS-A", "l1@PaS-A", "2", "+10.00", "[+10.00, +10.00]", "ahead"] in cells
+    assert ["PaS-B", "uniform@PaS-B", "2", "-2.00", "[-2.00, -2.00]", "behind"] in cells
+    assert ("PaS is ahead at 1, within noise at 0, behind at 1 of 2 comparisons (95% Student t interval of the "
+            "per-seed differences). Against each baseline: uniform: ahead at 0, within noise at 0, behind at 1 of 1 "
+            "targets; l1: ahead at 1, within noise at 0, behind at 0 of 1 targets.") in text
     assert "**Verdict: holds in part** at this scale." in text
-    assert ["PaS-A", "1.000M", "90.50 ± 0.71", "a0", "1.010M", "89.50 ± 0.71", "+1.00"] in cells  # within 5% of MACs
+    # a0 (MACs within 1% of PaS-A's target), Welch: difference +1, se sqrt(0.25 + 0.25), dof 2:
+    # half-width 4.303 * 0.7071 = 3.04
+    assert ["PaS-A", "a0", "2 / 2", "+1.00", "[-2.04, +4.04]", "within noise"] in cells
+    assert "**Verdict: not shown**." in text  # within noise: no evidence either way
     assert ["PaS-A", "0", "9.50", "9.90", "5 / 8"] in cells
-    assert "**Verdict: does not hold** (settled before the last search epoch in 0 of 1 searches)." in text
-    assert "in 1 of 1 PaS searches the highest-resolution layers keep a smaller fraction" in text
+    assert "Settled before the last search epoch in 0 of 1 searches." in text
+    assert "In 1 of 1 PaS searches the highest-resolution layers keep a smaller fraction" in text
+    assert text.count("**Verdict: ") == 4
+    found = json.loads(verdicts_json(claims(acc, comparisons, conv, [], runs, masks, 10)))["claims"]
+    assert [(c["claim"], c["verdict"]) for c in found] == [("1", "holds in part"), ("1b", "not shown"),
+                                                          ("2", "does not hold"), ("3", "holds")]
+    assert found[0]["measured"].startswith("Paired by seed (the same pretrained network), PaS is ahead at 1,")
+    # one seed: no interval, no verdict either way
+    one = [r for r in rows if r["seed"] == 0]
+    text = claims_markdown(accuracy_rows(one), comparison_rows(one), [], [], [], {}, search_epochs=10)
+    assert ["PaS-A", "l1@PaS-A", "1", "+10.00", "", "one seed: no interval"] in table_cells(text)
+    assert "**Verdict: untested** at this scale (one seed: no interval)." in text
+
+
+def test_comparison_table_states_the_test_and_the_interval():
+    rows = [row("PaS-A", "pas", t, s, macs=516544) for s, t in enumerate((90.0, 91.0, 95.0))]
+    rows += [row("uniform@PaS-A", "uniform", t, s, macs=516544) for s, t in enumerate((89.0, 89.0, 92.0))]
+    text = comparison_markdown(comparison_rows(rows))
+    assert "paired by seed against a baseline" in text
+    assert table_cells(text)[2] == ["PaS-A", "0.517M", "uniform@PaS-A", "paired t", "3", "92.00", "90.00", "+2.00",
+                                    "[-0.48, +4.48]", "within noise"]
 
 
 def test_run_specs_and_cli_errors(tmp_path):

@@ -27,7 +27,8 @@ rule tables:
 
 
 rule plots:
-    """Widths per layer, accuracy vs latency and MACs (Pareto front), gate convergence, search MACs."""
+    """Widths per layer (against the full backbone and the scratch member at the same MACs), accuracy vs
+    PyTorch latency and MACs over every seed, gate convergence, search MACs."""
     input:
         table="results/tables/main.csv",
         histories=plot_inputs,
@@ -53,8 +54,9 @@ rule plots:
 
 
 rule evidence:
-    """The paper's claims over every seed: top-1 mean and spread per method and target, when the
-    gates settle, the keep-fraction per resolution (`pas evidence`)."""
+    """The paper's claims over every seed: top-1 mean and spread per method and target, PaS against
+    each baseline paired by seed (95% interval, ahead / behind / within noise), when the gates settle,
+    the keep-fraction per resolution, each claim's verdict (`pas evidence`)."""
     input:
         table="results/tables/main.csv",
         runs=evidence_files,
@@ -64,9 +66,13 @@ rule evidence:
         tex="results/evidence/accuracy.tex",
         png=report("results/evidence/accuracy.png", caption="../report/evidence_plot.rst", category="Evidence"),
         pdf="results/evidence/accuracy.pdf",
+        comparisons=report("results/evidence/comparisons.csv", caption="../report/comparisons.rst",
+                           category="Evidence"),
+        comparisons_md="results/evidence/comparisons.md",
         convergence="results/evidence/convergence.csv",
         profile="results/evidence/width_profile.csv",
         claims=report("results/evidence/claims.md", caption="../report/claims.rst", category="Evidence"),
+        verdicts="results/evidence/verdicts.json",
     log:
         "results/evidence/logs/evidence.log",
     benchmark:
