@@ -1,5 +1,5 @@
-"""Screenshot of the MLflow UI over a run's store: the runs of one target (PaS and its baselines,
-parent runs with their evaluation metrics), for the README.
+"""Screenshot of the MLflow UI over a run's store: the parent runs of one target (PaS and its
+baselines) in the UI's chart view of their evaluation metrics, for the README.
 
     python docs/mlflow_screenshot.py results/mlflow.db --target 50% --out docs/mlflow_ui.png
 
@@ -68,7 +68,9 @@ def main() -> int:
     p.add_argument("--experiment", default="pas")
     p.add_argument("--target", default="50%", help="show the runs with this target tag")
     p.add_argument("--out", default="docs/mlflow_ui.png")
-    p.add_argument("--size", default="1600,900", help="window width,height in pixels")
+    p.add_argument("--size", default="1800,1100", help="window width,height in pixels")
+    p.add_argument("--keep-width", type=int, default=1340,
+                   help="pixels kept from the left (the UI's assistant panel takes the right ~460)")
     args = p.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
@@ -84,8 +86,10 @@ def main() -> int:
     try:
         wait_until_up(base, server)
         exp, runs = parent_runs(base, args.experiment, args.target)
-        url = (f"{base}/#/compare-runs?runs={urllib.parse.quote(json.dumps(runs))}"
-               f"&experiments={urllib.parse.quote(json.dumps([exp]))}")
+        query = urllib.parse.quote(f"tags.target = '{args.target}' and tags.pas_parent LIKE '%'")
+        url = (f"{base}/#/experiments/{exp}/runs?searchFilter={query}&compareRunsMode=CHART"
+               f"&orderByKey=metrics.%60top1%60&orderByAsc=false")
+        del runs
         out = Path(args.out).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as profile:
@@ -93,6 +97,10 @@ def main() -> int:
                             f"--user-data-dir={profile}", f"--window-size={args.size}",
                             "--virtual-time-budget=20000", f"--screenshot={out}", url],
                            check=True, capture_output=True, timeout=180)
+        from PIL import Image
+        with Image.open(out) as shot:
+            cropped = shot.crop((0, 0, min(args.keep_width, shot.width), shot.height))
+        cropped.save(out)
         print(out)
     finally:
         try:

@@ -335,7 +335,8 @@ def test_changing_one_target_reruns_only_that_variants_jobs(tiny_run):
     # its search, its baselines' masks at the new target, and everything downstream of them
     assert per_model == sorted(["search"] + ["prune"] * n + ["finetune", "reparameterize", "evaluate"] * (1 + n))
     assert {wc["model"] for _, wc in jobs if wc} == {name}
-    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "evidence", "plots", "tables"]
+    # and the one latency job, which times every network side by side again
+    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "evidence", "latency", "plots", "tables"]
 
 
 def test_report_is_one_html_file(tiny_run):
@@ -438,8 +439,8 @@ def test_default_dag(tmp_path):
     assert result.returncode == 0, result.stderr
     assert job_counts(result.stdout) == {
         "tracking_init": 1, "pretrain": 2, "search": 6, "prune": 18, "finetune": 24, "full_masks": 4,
-        "train_scratch": 2, "reparameterize": 28, "evaluate": 28, "tables": 1, "plots": 1, "evidence": 1,
-        "all": 1}
+        "train_scratch": 2, "reparameterize": 28, "evaluate": 28, "latency": 1, "tables": 1, "plots": 1,
+        "evidence": 1, "all": 1}
 
 
 def test_paper_config_dry_run_needs_no_data(tmp_path):
@@ -520,7 +521,7 @@ def test_every_seed_runs_the_whole_pipeline(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "seeds.yaml"))
     assert result.returncode == 0, result.stderr
     two = job_counts(result.stdout)
-    once = {"tracking_init", "tables", "plots", "evidence", "all"}
+    once = {"tracking_init", "latency", "tables", "plots", "evidence", "all"}
     assert {r: n for r, n in two.items() if r not in once} == {r: 2 * n for r, n in one.items() if r not in once}
     assert {r: two[r] for r in once} == {r: 1 for r in once}
     jobs = dry_run_jobs(result.stdout)
