@@ -396,8 +396,31 @@ def claim_scratch(comparisons: list[dict]) -> dict | None:
             "verdict": verdict, "measured": measured, "suffix": ""}
 
 
-def claim_convergence(conv: list[dict], search_epochs: int) -> dict | None:
-    """Claim 2: the gates settle (within 1% of their final counts) before the last search epoch."""
+LANDING_WARNING = 0.05  # of the full MACs: a landing that moved more says the search had not converged
+
+
+def landing_rows(runs: list[dict], masks: dict) -> list[dict]:
+    """How far each PaS search got on its own: the share of the full network's MACs the landing
+    after it moved (masks.json's landing_moved_macs_share), per variant and seed."""
+    return [{"model": r["model"], "seed": r["seed"], "share": masks[r["masks"]]["landing_moved_macs_share"]}
+            for r in runs if r["method"] == "pas"
+            and masks[r["masks"]].get("landing_moved_macs_share") is not None]
+
+
+def landing_sentence(landing: list[dict]) -> str:
+    if not landing:
+        return ""
+    worst = max(landing, key=lambda r: r["share"])
+    over = sum(r["share"] > LANDING_WARNING for r in landing)
+    return (f" The landing after the search moved {100 * statistics.fmean(r['share'] for r in landing):.1f}% of the "
+            f"full MACs on average (at most {100 * worst['share']:.1f}%, {worst['model']} seed {worst['seed']}); "
+            f"more than {100 * LANDING_WARNING:.0f}% in {over} of {len(landing)} searches, which had not reached "
+            f"their target on their own.")
+
+
+def claim_convergence(conv: list[dict], search_epochs: int, landing: list[dict] = ()) -> dict | None:
+    """Claim 2: the gates settle (within 1% of their final counts) before the last search epoch; with
+    how much of the full MACs the landing after each search still had to move."""
     if not conv:
         return None
     latest = max(c["settled_epoch"] for c in conv)
@@ -407,7 +430,7 @@ def claim_convergence(conv: list[dict], search_epochs: int) -> dict | None:
                 f"on average (latest {latest:.2f}); they stop changing at all from epoch "
                 f"{statistics.fmean(c['unchanged_from_epoch'] for c in conv):.2f} on average "
                 f"(latest {max(c['unchanged_from_epoch'] for c in conv):.2f}). Settled before the last search epoch "
-                f"in {settled} of {len(conv)} searches.")
+                f"in {settled} of {len(conv)} searches.{landing_sentence(list(landing))}")
     lines = ["Paper: kept counts settle well within the 10 search epochs.", "",
              *_table(["model", "seed", "within 1% from epoch", "unchanged from epoch", "kept / full channels"],
                      [[c["model"], str(c["seed"]), f"{c['settled_epoch']:.2f}", f"{c['unchanged_from_epoch']:.2f}",
@@ -438,8 +461,8 @@ def claims(acc: list[dict], comparisons: list[dict], conv: list[dict], profile: 
            masks: dict, search_epochs: int) -> list[dict]:
     """Every claim the run can test: claim number, title, Markdown body lines, verdict and the
     measured sentence the verdict follows from."""
-    found = (claim_baselines(acc, comparisons), claim_scratch(comparisons), claim_convergence(conv, search_epochs),
-             claim_profile(profile, runs, masks))
+    found = (claim_baselines(acc, comparisons), claim_scratch(comparisons),
+             claim_convergence(conv, search_epochs, landing_rows(runs, masks)), claim_profile(profile, runs, masks))
     return [c for c in found if c is not None]
 
 

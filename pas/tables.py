@@ -31,10 +31,12 @@ from pas.io import atomic_write_text, read_json
 
 ROW_KEYS = ("eval", "masks", "search", "finetune", "train", "latency")
 COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "macs", "macs_ptflops", "params", "top1", "top5",
-           "latency_device", "search_s", "finetune_s", "train_s", "widths"]
+           "latency_device", "search_s", "finetune_s", "train_s", "macs_before_landing", "landing_moved_channels",
+           "landing_moved_share", "widths"]
 TEXT_COLUMNS = ("model", "method", "backbone", "latency_device", "widths")
 # Whole numbers: the CSV writes them without a decimal point, and an empty cell where there is none.
-COUNT_COLUMNS = ("seed", "target_macs", "macs", "macs_ptflops", "params")
+COUNT_COLUMNS = ("seed", "target_macs", "macs", "macs_ptflops", "params", "macs_before_landing",
+                 "landing_moved_channels")
 # Shown in the Markdown/LaTeX tables (the CSV has every column), with their headings.
 DISPLAY = {"model": "model", "method": "method", "seed": "seed", "backbone": "backbone", "target_macs": "target MACs",
            "macs": "MACs", "params": "params", "top1": "top-1 %", "top5": "top-5 %"}
@@ -123,9 +125,23 @@ def table_row(spec: dict[str, str]) -> dict:
     ev = {"variant": Path(spec["eval"]).parent.name, **read_json(spec["eval"])}
     if "latency" in spec:
         ev.update(timed_values(read_json(spec["latency"]), latency_name(ev), repr(spec["latency"])))
-    target = read_json(spec["masks"]).get("target_macs") if "masks" in spec else None
+    masks = read_json(spec["masks"]) if "masks" in spec else {}
     times = {f"{key}_s": read_json(spec[key])["wall_seconds"] for key in ("search", "finetune", "train") if key in spec}
-    return eval_row(ev, repr(spec["eval"]), target_macs=target, **times)
+    row = eval_row(ev, repr(spec["eval"]), target_macs=masks.get("target_macs"), **times)
+    return {**row, **landing_values(masks)}
+
+
+# the table's landing columns and the masks.json fields / search and prune metrics they come from
+LANDING_METRICS = {"macs_before_landing": "search_macs_before_landing",
+                   "landing_moved_channels": "landing_moved_channels",
+                   "landing_moved_share": "landing_moved_macs_share"}
+
+
+def landing_values(masks: dict) -> dict:
+    """What the landing after a search (or a baseline's scoring) moved: the MACs before it, the
+    channels it added plus removed, and the share of the full network's MACs it moved (absent where
+    the ranking is the landing itself: bn_gamma, l1)."""
+    return {column: masks.get(field) for column, field in LANDING_METRICS.items()}
 
 
 def columns(names) -> list[str]:
@@ -173,11 +189,14 @@ def store_rows(uri: str, experiment: str) -> list[dict]:
     target = {**stage_values(runs, "search", "target_macs"), **stage_values(runs, "prune", "target_macs")}
     times = {f"{stage}_s": stage_values(runs, stage, "wall_seconds") for stage in ("search", "finetune")}
     times["train_s"] = stage_values(runs, "pretrain", "wall_seconds")
+    landing = {column: {**stage_values(runs, "search", metric), **stage_values(runs, "prune", metric)}
+               for column, metric in LANDING_METRICS.items()}
     rows = []
     for run in evals.to_dict("records"):
         key = tuple(run[k] for k in _RUN_KEY)
-        rows.append(eval_row(run_values(run), f"evaluate run {run['run_id']}", target_macs=target.get(key),
-                             **{column: values.get(key) for column, values in times.items()}))
+        row = eval_row(run_values(run), f"evaluate run {run['run_id']}", target_macs=target.get(key),
+                       **{column: values.get(key) for column, values in times.items()})
+        rows.append({**row, **{column: values.get(key) for column, values in landing.items()}})
     return rows
 
 
@@ -233,6 +252,8 @@ def run_values(run: dict) -> dict:
 def _fmt(key: str, value) -> str:
     if pd.isna(value) or value == "":
         return ""
+    if key == "landing_moved_share":
+        return f"{100 * float(value):.1f}"
     if key in ("target_macs", "macs", "macs_ptflops", "params"):
         v = float(value)
         return f"{v / 1e9:.3f}G" if v >= 1e9 else f"{v / 1e6:.3f}M" if v >= 1e6 else f"{v / 1e3:.1f}K"
@@ -258,6 +279,8 @@ def _display_columns(frame: pd.DataFrame) -> dict[str, str]:
         elif c.startswith("throughput_b"):
             shown[c] = f"img/s b{c.rsplit('_b', 1)[1]}"
     shown.update({"search_s": "search s", "finetune_s": "fine-tune s", "train_s": "train s"})
+    if frame["landing_moved_share"].notna().any():  # shown where a landing moved anything
+        shown["landing_moved_share"] = "landing moved %"
     return {c: shown[c] for c in frame.columns if c in shown}
 
 

@@ -261,3 +261,18 @@ def test_run_specs_and_cli_errors(tmp_path):
                         f"method=l1,model=PaS-A,seed=0,masks={tmp_path / 'm.json'}", "--search-epochs", "0",
                         "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "pas: error: --search-epochs 0: expected a positive integer"
+
+
+def test_claim_2_says_how_far_the_landing_moved_each_search():
+    from pas.evidence import landing_rows, landing_sentence
+    runs = [{"method": "pas", "model": "PaS-A", "seed": "0", "masks": "a"},
+            {"method": "pas", "model": "PaS-B", "seed": "1", "masks": "b"},
+            {"method": "uniform", "model": "PaS-A", "seed": "0", "masks": "u"}]
+    masks = {"a": {"landing_moved_macs_share": 0.02}, "b": {"landing_moved_macs_share": 0.10},
+             "u": {"landing_moved_macs_share": 0.5}}
+    landing = landing_rows(runs, masks)
+    assert landing == [{"model": "PaS-A", "seed": "0", "share": 0.02}, {"model": "PaS-B", "seed": "1", "share": 0.10}]
+    assert landing_sentence(landing) == (
+        " The landing after the search moved 6.0% of the full MACs on average (at most 10.0%, PaS-B seed 1); "
+        "more than 5% in 1 of 2 searches, which had not reached their target on their own.")
+    assert landing_sentence([]) == ""

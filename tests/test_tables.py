@@ -12,6 +12,7 @@ import pytest
 from pas import stages
 from pas.cli import main as pas_main
 from pas.config import load_config
+from pas.errors import PasError
 from pas.tables import as_records, read_table, table_frame, table_row, write_tables
 from pas.tracking import ingest
 
@@ -59,9 +60,10 @@ def test_latex_escapes_every_special_character_and_markdown_and_csv_keep_the_nam
     # whole numbers without a decimal point, missing values as empty cells
     assert (tmp_path / "t.csv").read_text().splitlines() == [
         "model,method,seed,backbone,target_macs,macs,macs_ptflops,params,top1,top5,latency_ms_b1,throughput_b1,"
-        "latency_device,search_s,finetune_s,train_s,widths",
-        f"{NAME},pas,0,b_0,516544,515000,515000,123456,87.5,99.0,1.23456,810.0123,cpu,12.345,33.3,,4 8 16",
-        "b_0,full,0,b_0,,2500000000,,999,90.0,100.0,2.0,500.0,cpu,,,100.5,8 16 32"]
+        "latency_device,search_s,finetune_s,train_s,macs_before_landing,landing_moved_channels,landing_moved_share,"
+        "widths",
+        f"{NAME},pas,0,b_0,516544,515000,515000,123456,87.5,99.0,1.23456,810.0123,cpu,12.345,33.3,,,,,4 8 16",
+        "b_0,full,0,b_0,,2500000000,,999,90.0,100.0,2.0,500.0,cpu,,,100.5,,,,8 16 32"]
     with open(tmp_path / "t.csv", newline="") as f:
         assert [r["model"] for r in csv.DictReader(f)] == [NAME, "b_0"]
     back = as_records(read_table(tmp_path / "t.csv"))
@@ -84,8 +86,9 @@ def test_a_row_is_read_from_the_files_of_one_network(tmp_path):
           "latency_ms_cpu_b1": 1.5, "throughput_cpu_b1": 666.7, "latency_ms_cuda_b1": 0.25,
           "throughput_cuda_b1": 4000.0, "latency_ms_cuda_b8": 0.5, "throughput_cuda_b8": 16000.0,
           "variant": "PaS-A", "method": "pas", "seed": "1", "backbone": "b0"}
-    files = {"eval": ev, "masks": {"target_macs": 516544}, "search": {"wall_seconds": 12.5},
-             "finetune": {"wall_seconds": 30.25}}
+    files = {"eval": ev, "masks": {"target_macs": 516544, "search_macs_before_landing": 600000,
+                                   "landing_moved_channels": 7, "landing_moved_macs_share": 0.0625},
+             "search": {"wall_seconds": 12.5}, "finetune": {"wall_seconds": 30.25}}
     for key, value in files.items():
         (tmp_path / f"{key}.json").write_text(json.dumps(value))
     spec = {key: str(tmp_path / f"{key}.json") for key in files}
@@ -93,7 +96,8 @@ def test_a_row_is_read_from_the_files_of_one_network(tmp_path):
         "model": "PaS-A", "method": "pas", "seed": 1, "backbone": "b0", "target_macs": 516544, "macs": 515000,
         "macs_ptflops": None, "params": 123456, "top1": 87.5, "top5": 99.0, "latency_device": "cuda",
         "latency_ms_b1": 0.25, "throughput_b1": 4000.0, "latency_ms_b8": 0.5, "throughput_b8": 16000.0,
-        "search_s": 12.5, "finetune_s": 30.25, "train_s": None, "widths": "4 8 16"}
+        "search_s": 12.5, "finetune_s": 30.25, "train_s": None, "widths": "4 8 16",
+        "macs_before_landing": 600000, "landing_moved_channels": 7, "landing_moved_share": 0.0625}
     # a reference network has no target even with masks; a row without a variant is named by its folder
     (tmp_path / "b0").mkdir()
     ref = {k: v for k, v in ev.items() if k != "variant"} | {"method": "full"}
@@ -105,8 +109,35 @@ def test_a_row_is_read_from_the_files_of_one_network(tmp_path):
     assert pas_main(["tables", "--row", rows, "--out-dir", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "main.csv").read_text().splitlines() == [
         "model,method,seed,backbone,target_macs,macs,macs_ptflops,params,top1,top5,latency_ms_b1,throughput_b1,"
-        "latency_ms_b8,throughput_b8,latency_device,search_s,finetune_s,train_s,widths",
-        "PaS-A,pas,1,b0,516544,515000,,123456,87.5,99.0,0.25,4000.0,0.5,16000.0,cuda,12.5,30.25,,4 8 16"]
+        "latency_ms_b8,throughput_b8,latency_device,search_s,finetune_s,train_s,macs_before_landing,"
+        "landing_moved_channels,landing_moved_share,widths",
+        "PaS-A,pas,1,b0,516544,515000,,123456,87.5,99.0,0.25,4000.0,0.5,16000.0,cuda,12.5,30.25,,600000,7,0.0625,"
+        "4 8 16"]
+    # the landing's share shown in percent
+    md = (tmp_path / "out" / "main.md").read_text()
+    assert "landing moved %" in md and markdown_cells(md)[2][-1] == "6.2"
+
+
+def test_the_latency_jobs_values_are_the_rows_latency(tmp_path):
+    """With latency=PATH (pas latency's output), a row's PyTorch and ONNX Runtime latencies are the
+    ones timed for its network (seed, method, model), not any in eval.json."""
+    ev = {"top1": 50.0, "top5": 90.0, "macs": 1000, "params": 10, "variant": "uniform@PaS-A", "model": "PaS-A",
+          "method": "uniform", "seed": "0", "latency_ms_cpu_b1": 9.0, "throughput_cpu_b1": 111.1}
+    timed = {"rows": [
+        {"model": "seed0/uniform/PaS-A", "runtime": "pytorch", "device": "cpu", "batch": 1, "latency_ms": 2.0,
+         "throughput": 500.0},
+        {"model": "seed0/uniform/PaS-A", "runtime": "onnxruntime", "device": "cpu", "batch": 1, "latency_ms": 0.5,
+         "throughput": 2000.0},
+        {"model": "seed0/pas/PaS-A", "runtime": "pytorch", "device": "cpu", "batch": 1, "latency_ms": 7.0,
+         "throughput": 142.9}]}
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    (tmp_path / "latency.json").write_text(json.dumps(timed))
+    row = table_row({"eval": str(tmp_path / "eval.json"), "latency": str(tmp_path / "latency.json")})
+    assert (row["latency_ms_b1"], row["ort_latency_ms_b1"], row["throughput_b1"]) == (2.0, 0.5, 500.0)
+    timed["rows"] = timed["rows"][2:]
+    (tmp_path / "latency.json").write_text(json.dumps(timed))
+    with pytest.raises(PasError, match=r"has no network 'seed0/uniform/PaS-A'; expected one pas latency timed"):
+        table_row({"eval": str(tmp_path / "eval.json"), "latency": str(tmp_path / "latency.json")})
 
 
 # -- the table from the MLflow store ----------------------------------------------------------------
