@@ -523,7 +523,7 @@ def test_slurm_run_gives_the_local_table(local_run, slurm_run):
     local = set(re.findall(r"^localrule (\w+):", slurm_run.output, re.M))  # (+ the failed job's log)
     assert {"all", "plots", "tables", "evidence", "tracking_ingest"} <= local and "full_masks" not in local
     # every job but all, tables, plots, evidence and tracking_ingest; and the retry
-    assert len(submitted) == 21 - 5 + 1
+    assert len(submitted) == 22 - 5 + 1
 
 
 @pytest.mark.slow
@@ -743,9 +743,9 @@ def test_readme_mlflow_ui_binds_loopback_only():
 # the search epochs: integers by the schema; threads per training process: an integer computed from
 # them), `:q`-quoted params, or params whose functions quote
 # every value with shlex.quote (set_flags, pretrain_import, table_flags, history_flags,
-# evidence_flags; checked with hostile values below).
+# evidence_flags, latency_flags; checked with hostile values below).
 SAFE_PLACEHOLDER = re.compile(r"^(input\.\w+|output\.\w+|log|threads|resources\.(nproc_per_node|threads_per_rank)|params\.\w+:q|"
-                              r"params\.(stage|checkpoint|rows|histories|runs|seed|epochs))$")
+                              r"params\.(stage|checkpoint|rows|histories|runs|seed|epochs|models))$")
 
 
 def test_rule_shell_commands_quote_config_derived_strings():
@@ -809,7 +809,7 @@ def test_free_form_config_strings_reach_commands_as_single_arguments(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     commands = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()
                 if line.startswith("Shell command: pas ")]
-    assert len(commands) == 21  # every job but `all` (check_data included: the data is a folder)
+    assert len(commands) == 22  # every job but `all` (check_data included: the data is a folder)
     seen = set()
     for command in commands:
         argv = shlex.split(command)

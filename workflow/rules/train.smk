@@ -167,13 +167,13 @@ rule latency:
     input:
         latency_inputs,
     output:
-        LATENCY_JSON,
+        result=LATENCY_JSON,
     log:
         "results/latency/logs/latency.log",
     benchmark:
         "results/latency/logs/latency.benchmark.tsv"
     params:
-        flags=latency_flags,
+        models=latency_flags,
     # every core of a local run, so that no other job runs while it measures; on SLURM a node of its
     # own (--exclusive) instead
     threads: whole_machine
@@ -182,4 +182,4 @@ rule latency:
     conda:
         PAS_ENV
     shell:
-        "pas latency {params.flags} --out {output} > {log} 2>&1"
+        "pas latency {params.models} --out {output.result} > {log} 2>&1"
