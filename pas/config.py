@@ -137,6 +137,17 @@ def parse_override(text: str) -> dict:
     return value
 
 
+def named_values(texts: list[str], *, option: str, value: str) -> dict[str, str]:
+    """Repeated NAME=VALUE options (`--model`, `--history`) as {NAME: VALUE}."""
+    named = {}
+    for text in texts:
+        name, sep, v = text.partition("=")
+        if not sep or not name or not v:
+            raise PasError(f"{option} {text!r}: expected NAME={value}")
+        named[name] = v
+    return named
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
     cfg = defaults()
     if path:

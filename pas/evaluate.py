@@ -1,9 +1,6 @@
 """Accuracy, MACs, params and measured latency/throughput of a deployed network."""
 from __future__ import annotations
 
-import os
-import platform
-import socket
 import statistics
 import time
 
@@ -12,6 +9,7 @@ from torch import nn
 
 from pas.engine import evaluate
 from pas.flops import ptflops_macs
+from pas.latency import machine
 
 
 @torch.no_grad()
@@ -32,27 +30,6 @@ def latency(model: nn.Module, batch: int, *, device: str = "cpu", repeats: int =
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1000
     return {"latency_ms": ms, "throughput": batch / (ms / 1000)}
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name as /proc/cpuinfo gives it (Linux), else what platform knows, else None."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def machine(threads: int) -> dict:
-    """Where the latencies were measured: latencies from different CPU or GPU models (or thread
-    counts) are not comparable, so each eval.json says which ones it ran on."""
-    return {"host": socket.gethostname(), "cpu": cpu_model(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "threads": threads,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
 
 def evaluate_deployed(model: nn.Module, val_loader, *, batch_sizes=(1, 64), repeats: int = 20,

@@ -13,7 +13,10 @@ comparable with each other.
 """
 from __future__ import annotations
 
-import json
+import copy
+import os
+import platform
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -97,6 +100,29 @@ def devices(runtime: str) -> list[str]:
     return ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
 
 
+def _example(arch, batch: int) -> torch.Tensor:
+    return torch.randn(batch, arch.in_channels, arch.resolution, arch.resolution,
+                       generator=torch.Generator().manual_seed(batch))
+
+
+def torch_cases(name: str, model: torch.nn.Module, *, batch_sizes) -> list[Case]:
+    """PyTorch's timed cases of a network: every device here (one copy per GPU), every batch size."""
+    cases = []
+    for device in devices("pytorch"):
+        net = model if device == "cpu" else copy.deepcopy(model).cuda()
+        for b in batch_sizes:
+            run = _torch_call(net, _example(model.arch, b).to(device), device)
+            cases.append(Case(name, "pytorch", device, int(b), run))
+    return cases
+
+
+def onnx_cases(name: str, path: Path, arch, *, batch_sizes) -> list[Case]:
+    """ONNX Runtime's timed cases of an exported network, with this process's torch thread count."""
+    return [Case(name, "onnxruntime", device, int(b),
+                 _onnx_call(path, _example(arch, b).numpy(), device, torch.get_num_threads()))
+            for device in devices("onnxruntime") for b in batch_sizes]
+
+
 def cases_for(name: str, folder: str | Path, *, batch_sizes, runtimes=RUNTIMES) -> list[Case]:
     """The timed cases of one deployed network (pas deploy's folder)."""
     from pas.deploy import load_deployed
@@ -105,32 +131,39 @@ def cases_for(name: str, folder: str | Path, *, batch_sizes, runtimes=RUNTIMES) 
         if not (folder / needed).is_file():
             raise PasError(f"deployed network {str(folder)!r} has no {needed}; expected the folder pas deploy wrote")
     model = load_deployed(folder / "arch.json", folder / "model.safetensors").eval()
-    a = model.arch
     cases = []
     for runtime in runtimes:
         if runtime not in RUNTIMES:
             raise PasError(f"latency runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
-        for device in devices(runtime):
-            for b in batch_sizes:
-                x = torch.randn(b, a.in_channels, a.resolution, a.resolution, generator=torch.Generator().manual_seed(b))
-                if runtime == "pytorch":
-                    net = model if device == "cpu" else _to_cuda(model)
-                    run = _torch_call(net, x.to(device), device)
-                else:
-                    run = _onnx_call(folder / "model.onnx", x.numpy(), device, torch.get_num_threads())
-                cases.append(Case(name, runtime, device, int(b), run))
+        cases += (torch_cases(name, model, batch_sizes=batch_sizes) if runtime == "pytorch" else
+                  onnx_cases(name, folder / "model.onnx", model.arch, batch_sizes=batch_sizes))
     return cases
 
 
-def _to_cuda(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-    return copy.deepcopy(model).cuda()
+def cpu_model() -> str | None:
+    """The CPU's model name as /proc/cpuinfo gives it (Linux), else what platform knows, else None."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def machine(threads: int) -> dict:
+    """Where latencies were measured: latencies from different CPU or GPU models (or thread counts)
+    are not comparable, so every measurement says which ones it ran on."""
+    return {"host": socket.gethostname(), "cpu": cpu_model(),
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "threads": threads,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
 
 def measure(models: dict[str, str | Path], *, batch_sizes=(1, 64), rounds: int = 20, warmup: int = 5,
             threads: int = 1, runtimes=RUNTIMES) -> dict:
     """Latency of every deployed network (name -> folder), all runtimes/devices/batches alternately."""
-    from pas.evaluate import machine
     if not models:
         raise PasError("no deployed networks to time")
     if threads < 1 or any(b < 1 for b in batch_sizes):
@@ -149,13 +182,9 @@ def measure(models: dict[str, str | Path], *, batch_sizes=(1, 64), rounds: int =
 
 
 def main(args) -> int:
+    from pas.config import named_values
     from pas.io import atomic_write_json
-    models = {}
-    for text in args.model:
-        name, sep, folder = text.partition("=")
-        if not sep or not name or not folder:
-            raise PasError(f"--model {text!r}: expected NAME=DEPLOYED_FOLDER")
-        models[name] = folder
+    models = named_values(args.model, option="--model", value="DEPLOYED_FOLDER")
     result = measure(models, batch_sizes=args.batch_sizes, rounds=args.rounds, warmup=args.warmup,
                      threads=args.threads, runtimes=args.runtimes)
     atomic_write_json(args.out, result)

@@ -329,12 +329,8 @@ def make_plots(table: str | Path, histories: dict[str, str | Path], out_dir: str
 
 
 def main(args) -> int:
-    histories = {}
-    for text in args.history:
-        name, sep, path = text.partition("=")
-        if not sep or not name or not path:
-            raise PasError(f"--history {text!r} is not NAME=PATH")
-        histories[name] = path
+    from pas.config import named_values
+    histories = named_values(args.history, option="--history", value="PATH")
     for path in make_plots(args.table, histories, args.out_dir, seed=args.seed):
         print(path)
     return 0
