@@ -50,7 +50,9 @@ SCHEMA: dict = {
         "gate_lr_scale": (float, 1.0, "lr of the DBC gate weights relative to the network's (search)"),
     },
     "search": {
-        "target": ((str, int, float), "50%", "MACs target: '1.36G', '2.5M', '40%', 0.4 or an integer"),
+        "target": ((str, int, float), "50%", "MACs target: '1.36G', '2.5M', '40%', 0.4 or an integer; or a "
+                                             "latency '3.5ms' with latency_table"),
+        "latency_table": ((str, type(None)), None, "table from pas latency-table: predicts a latency target"),
         "alpha": (float, 14.0, "scale-free penalty weight (paper's 0.1 in GMACs^-2 on B1 ~= 14)"),
         "min_channels": (int, 1, "channels every layer keeps at least"),
         "tolerance": (float, 0.01, "allowed relative distance of the final MACs to the target"),

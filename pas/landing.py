@@ -111,14 +111,16 @@ class Landing:
     macs_before: int | None
     moved_channels: int | None
     moved_macs_share: float | None
+    predicted_ms: float | None = None  # a latency budget: the table's latency of the landed masks
 
     def record(self) -> dict:
         """The fields masks.json and MLflow carry."""
-        return {"search_macs_before_landing": self.macs_before, "landing_moved_channels": self.moved_channels,
-                "landing_moved_macs_share": self.moved_macs_share}
+        record = {"search_macs_before_landing": self.macs_before, "landing_moved_channels": self.moved_channels,
+                  "landing_moved_macs_share": self.moved_macs_share}
+        return record if self.predicted_ms is None else {**record, "predicted_latency_ms": self.predicted_ms}
 
     def without_start(self) -> "Landing":
-        return Landing(self.masks, self.macs, None, None, None)
+        return Landing(self.masks, self.macs, None, None, None, self.predicted_ms)
 
 
 class _Layer:
@@ -180,29 +182,37 @@ class _Layer:
             bisect.insort(dest, c)
 
 
-def land(arch: Network, masks: list[torch.Tensor], scores: list[torch.Tensor], target: int, *,
+def land(arch: Network, masks: list[torch.Tensor], scores: list[torch.Tensor], target: float, *,
          channel_multiple: int = 1, tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1,
-         max_swaps: int = 64) -> Landing:
-    """Masks on the allowed widths with target * (1 - tolerance) <= MACs <= target (module docstring)."""
+         max_swaps: int = 64, cost=None) -> Landing:
+    """Masks on the allowed widths with target * (1 - tolerance) <= cost <= target (module docstring).
+
+    The cost is the MACs, or `cost(widths)` (any measure that grows with every width: a latency
+    table's prediction, `pas.latency_table`)."""
+    measure = cost or (lambda widths: int(arch.macs(widths)))
+    unit = "MACs" if cost is None else "ms"
     rule = WidthRule(arch, channel_multiple, min_channels)
     given = [m.detach().bool().cpu() for m in masks]
     layers = [_Layer(m, s.detach().float().cpu(), allowed, b)
               for m, s, allowed, b in zip(given, scores, rule.allowed, rule.blocks, strict=True)]
     for layer, width in zip(layers, rule.nearest(int(m.sum()) for m in given)):
         layer.to_grid(width)
-    macs_before = int(arch.macs([layer.width for layer in layers]))
-    macs = _drop(arch, layers, target, macs_before)
-    macs = _fill(arch, layers, target, macs)
+    macs_before = int(arch.macs(_widths(layers)))
+    value = _drop(measure, layers, target, measure(_widths(layers)))
+    value = _fill(measure, layers, target, value)
     for _ in range(max_swaps):
-        if target - macs <= tolerance * target or not _swap(arch, layers, target, macs, tolerance):
+        if target - value <= tolerance * target or not _swap(measure, layers, target, value, tolerance):
             break
-        macs = _fill(arch, layers, target, int(arch.macs([layer.width for layer in layers])))
-    if abs(macs - target) > tolerance * target:
-        raise PasError(f"cannot reach target {target} MACs within {tolerance:.1%}: the closest mask gives "
-                       f"{macs} MACs{_coarse_steps(rule, channel_multiple)}")
+        value = _fill(measure, layers, target, measure(_widths(layers)))
+    if abs(value - target) > tolerance * target:
+        shown = (lambda v: f"{int(v)}") if cost is None else (lambda v: f"{v:.4g}")
+        raise PasError(f"cannot reach target {shown(target)} {unit} within {tolerance:.1%}: the closest mask gives "
+                       f"{shown(value)} {unit}{_coarse_steps(rule, channel_multiple)}")
     landed = [layer.mask() for layer in layers]
     moved = sum(int((a ^ b).sum()) for a, b in zip(given, landed))
-    return Landing(landed, macs, macs_before, moved, abs(macs - macs_before) / int(arch.macs()))
+    macs = int(arch.macs(_widths(layers)))
+    return Landing(landed, macs, macs_before, moved, abs(macs - macs_before) / int(arch.macs()),
+                   None if cost is None else float(value))
 
 
 def _coarse_steps(rule: WidthRule, channel_multiple: int) -> str:
@@ -226,7 +236,7 @@ def _widths(layers: list[_Layer]) -> list[int]:
     return [layer.width for layer in layers]
 
 
-def _drop(arch: Network, layers: list[_Layer], target: int, macs: int) -> int:
+def _drop(measure, layers: list[_Layer], target, macs):
     """Step 2: the lowest-scored step down of any layer, until the MACs are at most the target."""
     while macs > target:
         steps = [(step[0], i, step[1]) for i, layer in enumerate(layers) if (step := layer.down())]
@@ -234,11 +244,11 @@ def _drop(arch: Network, layers: list[_Layer], target: int, macs: int) -> int:
             break
         _, i, channels = min(steps, key=lambda s: s[:2])
         layers[i].move(channels, keep=False)
-        macs = int(arch.macs(_widths(layers)))
+        macs = measure(_widths(layers))
     return macs
 
 
-def _fill(arch: Network, layers: list[_Layer], target: int, macs: int) -> int:
+def _fill(measure, layers: list[_Layer], target, macs):
     """Step 3: the highest-scored step up that fits, until none does. A step that does not fit never
     will (adding channels only raises what any other step costs), so its layer is closed."""
     open_layers = set(range(len(layers)))
@@ -249,7 +259,7 @@ def _fill(arch: Network, layers: list[_Layer], target: int, macs: int) -> int:
         for _, i, channels in steps:
             widths = _widths(layers)
             widths[i] += len(channels)
-            trial = int(arch.macs(widths))
+            trial = measure(widths)
             if trial <= target:
                 layers[i].move(channels, keep=True)
                 macs = trial
@@ -260,7 +270,7 @@ def _fill(arch: Network, layers: list[_Layer], target: int, macs: int) -> int:
     return macs
 
 
-def _swap(arch: Network, layers: list[_Layer], target: int, macs: int, tolerance: float) -> bool:
+def _swap(measure, layers: list[_Layer], target, macs, tolerance: float) -> bool:
     """Step 4: one layer's step up for another's step down, the pair that raises the MACs the most
     without passing the target; among the pairs that land within the tolerance, the best score gain.
     False when no pair raises the MACs."""
@@ -274,7 +284,7 @@ def _swap(arch: Network, layers: list[_Layer], target: int, macs: int, tolerance
             widths = _widths(layers)
             widths[a] += len(channels_in)
             widths[b] -= len(channels_out)
-            m = int(arch.macs(widths))
+            m = measure(widths)
             if not macs < m <= target:
                 continue
             lands = target - m <= tolerance * target

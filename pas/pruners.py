@@ -81,12 +81,13 @@ def _standardised(s: torch.Tensor) -> torch.Tensor:
     return (s - s.mean()) / s.std(correction=0).clamp_min(torch.finfo(s.dtype).tiny)
 
 
-def uniform_masks(model: nn.Module, target: int, *, channel_multiple: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-                  min_channels: int = 1) -> Landing:
+def uniform_masks(model: nn.Module, target: float, *, channel_multiple: int = 1, tolerance: float = DEFAULT_TOLERANCE,
+                  min_channels: int = 1, cost=None) -> Landing:
     """One width factor f for every layer (found by bisection; each width round(f * full) moved to
     its nearest allowed width); within a layer the channels with the largest fused-kernel L1 norm are
-    kept; the landing then moves single steps to meet the target."""
+    kept; the landing then moves single steps to meet the target (MACs, or `cost(widths)`)."""
     arch = network_of(model)
+    measure = cost or arch.macs
     rule = WidthRule(arch, channel_multiple, min_channels)
     scores = l1_scores(model)
 
@@ -96,23 +97,23 @@ def uniform_masks(model: nn.Module, target: int, *, channel_multiple: int = 1, t
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if arch.macs(widths(mid)) <= target else (lo, mid)
+        lo, hi = (mid, hi) if measure(widths(mid)) <= target else (lo, mid)
     masks = []
     for s, n in zip(scores, widths(lo)):
         m = torch.zeros(s.numel(), dtype=torch.bool)
         m[torch.argsort(s, descending=True)[:n]] = True
         masks.append(m)
     return land(arch, masks, scores, target, channel_multiple=channel_multiple, tolerance=tolerance,
-                min_channels=min_channels)
+                min_channels=min_channels, cost=cost)
 
 
-def magnitude_masks(model: nn.Module, target: int, scores: list[torch.Tensor], *, channel_multiple: int = 1,
-                    tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1) -> Landing:
+def magnitude_masks(model: nn.Module, target: float, scores: list[torch.Tensor], *, channel_multiple: int = 1,
+                    tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1, cost=None) -> Landing:
     """Global ranking: drop the smallest-scored channels of the whole network until the target. The
     landing's drop step is this ranking, so what it moved is no measure of anything (None)."""
     everything = [torch.ones(s.numel(), dtype=torch.bool) for s in scores]
     return land(network_of(model), everything, scores, target, channel_multiple=channel_multiple,
-                tolerance=tolerance, min_channels=min_channels).without_start()
+                tolerance=tolerance, min_channels=min_channels, cost=cost).without_start()
 
 
 PRUNERS = {
@@ -124,7 +125,7 @@ PRUNERS = {
 
 def run_pruner(method: str, model: nn.Module, target: int, **kw) -> Landing:
     """The landed masks of a baseline and what the landing moved (keywords: channel_multiple,
-    tolerance, min_channels)."""
+    tolerance, min_channels, cost: a latency budget's `Budget.cost(arch)`)."""
     if method not in PRUNERS:
         raise PasError(f"unknown pruning method {method!r}; expected one of {sorted(PRUNERS)}")
     return PRUNERS[method](model, target, **kw)

@@ -15,6 +15,12 @@ code) every input factor is detached, so n_l is pulled only by the layers that w
 The kept counts are those the landing will see: each rounded to its nearest allowed width
 (`pas.landing.WidthRule`: search.channel_multiple, grouped convs), the gradient straight through.
 
+A latency budget. A target in time ('3.5ms', '800us', or '70% latency' of the full network) with a latency table (`pas latency-table`,
+`pas.latency_table`) puts the table's predicted latency of the gated network in place of the MACs,
+in the same two-sided scale-free form: alpha * ((T(b) - target) / T_full)^2, T(b) interpolated in
+the table at the (rounded, straight-through) kept counts, so differentiable through the gates; the
+landing then meets the predicted latency within the tolerance.
+
 Landing on the target: the soft penalty leaves the masks near, not at, the target (CE pulls
 upwards, and one channel is a coarse step in a small network). After the search, `pas.landing.land`
 moves the fewest channels, those whose gate weights lie nearest the 0.5 threshold, until the
@@ -40,6 +46,65 @@ from pas.landing import DEFAULT_TOLERANCE, Landing, WidthRule, land
 DEFAULT_ALPHA = 14.0
 PENALTY_GRADIENTS = ("both", "output")
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+_TIME = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|us|µs|s|%\s*latency)\s*", re.IGNORECASE)
+_MS = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}
+
+
+def latency_target(target) -> tuple[float, str] | None:
+    """A latency target: (milliseconds, "ms") for '3.5ms', '800us', '0.02s'; (percent, "%") for
+    '70% latency' (of the full network's predicted latency); None for a MACs target."""
+    m = _TIME.fullmatch(target) if isinstance(target, str) else None
+    if m is None:
+        return None
+    unit = m.group(2).lower()
+    return (float(m.group(1)), "%") if unit.startswith("%") else (float(m.group(1)) * _MS[unit], "ms")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a search or a baseline lands on: MACs, or a latency predicted by a table (ms)."""
+    target: float
+    full: float
+    table: object = None  # pas.latency_table.LatencyTable for a latency budget
+
+    @property
+    def latency(self) -> bool:
+        return self.table is not None
+
+    def cost(self, arch: Network):
+        """widths -> cost, for the landing: None (the MACs) or the table's prediction."""
+        return None if self.table is None else (lambda widths: self.table.predict(arch, widths))
+
+    def record(self) -> dict:
+        """masks.json fields: target_macs (None for a latency budget) and, for one, the target and table."""
+        if self.table is None:
+            return {"target_macs": int(self.target)}
+        d = self.table.data
+        return {"target_macs": None, "target_latency_ms": self.target, "full_predicted_latency_ms": self.full,
+                "latency_table": {k: d[k] for k in ("backbone", "runtime", "device", "batch", "threads")}
+                | {"source": self.table.source}}
+
+
+def resolve_budget(target, arch: Network, min_channels: int = 1, channel_multiple: int = 1,
+                   latency_table=None) -> Budget:
+    """A MACs budget (`resolve_target`), or a latency budget for a time target with a latency table."""
+    latency = latency_target(target)
+    if latency is None:
+        return Budget(resolve_target(target, arch, min_channels, channel_multiple), int(arch.macs()))
+    if latency_table is None:
+        raise PasError(f"target {target!r} is a latency; expected search.latency_table (a table from pas "
+                       f"latency-table) to predict it, or a MACs target")
+    from pas.latency_table import LatencyTable
+    table = latency_table if isinstance(latency_table, LatencyTable) else LatencyTable.load(latency_table)
+    table.check_network(arch)
+    full = table.predict(arch, arch.full_widths())
+    ms = latency[0] if latency[1] == "ms" else latency[0] / 100 * full
+    lowest = table.predict(arch, WidthRule(arch, channel_multiple, min_channels).minimum())
+    if not lowest < ms < full:
+        raise PasError(f"target {target!r} = {ms:g} ms is outside the range the table {table.source!r} predicts "
+                       f"for {arch.backbone} ({table.describe()}): expected between {lowest:.4g} ms (narrowest "
+                       f"widths) and {full:.4g} ms (full network)")
+    return Budget(ms, full, table)
 
 
 def minimum_macs(arch: Network, min_channels: int = 1, channel_multiple: int = 1) -> int:
@@ -106,21 +171,41 @@ class MacsPenalty(nn.Module):
         return self.alpha * ((macs - self.target) / self.full) ** 2, macs
 
 
+class LatencyPenalty(nn.Module):
+    """alpha * ((T(b) - target) / T_full)^2 with T the latency table's prediction (module docstring);
+    returns the MACs of the same widths too, for the search's history."""
+
+    def __init__(self, arch: Network, budget: Budget, alpha: float = DEFAULT_ALPHA, *,
+                 rule: WidthRule | None = None, penalty_gradient: str = "both"):
+        super().__init__()
+        check_penalty_gradient(penalty_gradient)
+        self.arch, self.budget, self.alpha = arch, budget, float(alpha)
+        self.rule = rule or WidthRule(arch)
+        self.input_grad = penalty_gradient == "both"
+
+    def forward(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = [k.double() for k in self.rule.estimate([g.kept() for g in gates_of(model)])]
+        latency = self.budget.table.predict(self.arch, kept, input_grad=self.input_grad)
+        macs = self.arch.macs([k.detach() for k in kept])
+        return self.alpha * ((latency - self.budget.target) / self.budget.full) ** 2, macs
+
+
 @dataclass
 class SearchResult:
     masks: list[torch.Tensor]
-    target_macs: int
+    target_macs: int | None  # None for a latency budget (`budget`)
     macs: int  # of the final masks, after the landing
     searched_macs: int  # of the masks the gates gave at the end of the search, at their nearest allowed widths
     history: list[dict]
     metrics: list[dict]
     landing: Landing  # what the landing moved (channels, MACs) from the gates' masks
+    budget: Budget | None = None
 
 
 def search(model: nn.Module, train_loader, *, target, example_input: torch.Tensor | None = None,
            epochs: int = 10, optim=None,
            alpha: float = DEFAULT_ALPHA, min_channels: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-           channel_multiple: int = 1, penalty_gradient: str = "both",
+           channel_multiple: int = 1, penalty_gradient: str = "both", latency_table=None,
            history_every: int = 10, val_loader=None, seed: int = 0, state_path=None, fingerprint=None, on_epoch=None,
            world=None, progress: bool = False) -> SearchResult:
     """Train weights and DBC gates jointly on CE + MACs penalty, then land on the target.
@@ -131,7 +216,8 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
     Gates are attached if the model has none. On return the gates realise the final masks (also in
     `SearchResult.masks`); `pas.compact.compact(model)` then gives the compact network.
     `channel_multiple`: every width a multiple of it (`pas.landing`); `penalty_gradient`: "both" or
-    "output" (module docstring).
+    "output" (module docstring). A time target ('3.5ms') needs `latency_table` (a path or a
+    `pas.latency_table.LatencyTable`).
     """
     check_penalty_gradient(penalty_gradient)
     if example_input is not None and not isinstance(getattr(model, "arch", None), Network):
@@ -139,13 +225,14 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
         describe(model, example_input)
     arch = network_of(model)
     rule = WidthRule(arch, channel_multiple, min_channels)
-    target_macs = resolve_target(target, arch, min_channels, channel_multiple)
+    budget = resolve_budget(target, arch, min_channels, channel_multiple, latency_table)
     if not callable(train_loader):
         batches = train_loader
         train_loader = lambda epoch: batches  # noqa: E731
     if not has_gates(model):
         attach_gates(model, min_channels=min_channels)
-    penalty = MacsPenalty(arch, target_macs, alpha, rule=rule, penalty_gradient=penalty_gradient)
+    penalty = (LatencyPenalty(arch, budget, alpha, rule=rule, penalty_gradient=penalty_gradient) if budget.latency
+               else MacsPenalty(arch, int(budget.target), alpha, rule=rule, penalty_gradient=penalty_gradient))
     trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=epochs,
                       optim=optim or OptimConfig(lr=0.02, schedule="constant"), seed=seed,
                       state_path=state_path, fingerprint=fingerprint, penalty=penalty, on_epoch=on_epoch, world=world,
@@ -161,8 +248,8 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
     metrics = trainer.fit()
     gates = gates_of(model)
     current = [g.mask().detach() > 0.5 for g in gates]
-    landing = land(arch, current, [g.weight for g in gates], target_macs, channel_multiple=channel_multiple,
-                   tolerance=tolerance, min_channels=min_channels)
+    landing = land(arch, current, [g.weight for g in gates], budget.target, channel_multiple=channel_multiple,
+                   tolerance=tolerance, min_channels=min_channels, cost=budget.cost(arch))
     set_masks(model, landing.masks, min_channels=min_channels)
-    return SearchResult(landing.masks, target_macs, landing.macs, landing.macs_before, trainer.history, metrics,
-                        landing)
+    return SearchResult(landing.masks, None if budget.latency else int(budget.target), landing.macs,
+                        landing.macs_before, trainer.history, metrics, landing, budget)

@@ -302,7 +302,8 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     result = run_search(model, train_loader, target=s["target"], epochs=cfg["epochs"],
                         optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
                         tolerance=s["tolerance"], channel_multiple=s["channel_multiple"],
-                        penalty_gradient=s["penalty_gradient"], history_every=s["history_every"], val_loader=val_loader,
+                        penalty_gradient=s["penalty_gradient"], latency_table=s["latency_table"],
+                        history_every=s["history_every"], val_loader=val_loader,
                         seed=cfg["seed"], state_path=state, fingerprint=_fingerprint(cfg, weights, *_data_inputs(cfg)),
                         world=world, progress=_progress(cfg),
                         on_epoch=on_epoch)
@@ -310,7 +311,7 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     if not world.main:
         return {}
     landing = result.landing.record()
-    record = _masks_record(model.arch, result.masks, target_macs=result.target_macs,
+    record = _masks_record(model.arch, result.masks, **result.budget.record(),
                            searched_macs=result.searched_macs, method="pas",
                            channel_multiple=s["channel_multiple"], **landing)
     _warn_if_unconverged(result.landing)
@@ -321,6 +322,7 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     final = result.metrics[-1] if result.metrics else {}
     metrics = {"stage": "search", "backbone": cfg["backbone"], "epochs": cfg["epochs"],
                "target_macs": result.target_macs, "macs": result.macs, "searched_macs": result.searched_macs,
+               **{k: record[k] for k in ("target_latency_ms", "predicted_latency_ms") if k in record},
                "widths": record["widths"], "final_top1": final.get("top1"), "final_top5": final.get("top5"),
                "wall_seconds": wall, "history": result.metrics}
     # the final (target-adjusted) widths, as the last point of each kept_NN curve
@@ -346,7 +348,7 @@ def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
     `full`: all-ones masks, so a reference network deploys through the same fuse + compact path
     (no weights needed, no MLflow run: the reference's deploy and evaluate runs are its record)."""
     from pas.pruners import run_pruner
-    from pas.search import resolve_target
+    from pas.search import resolve_budget
     s = cfg["search"]
     if s["method"] != "full" and not weights:
         raise PasError(f"search.method {s['method']!r} ranks the channels of a trained network; expected "
@@ -361,14 +363,15 @@ def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
         atomic_write_json(out_masks, record)
         return record
     _load_weights(model, weights)
-    target = resolve_target(s["target"], model.arch, s["min_channels"], s["channel_multiple"])
-    landing = run_pruner(s["method"], model, target, channel_multiple=s["channel_multiple"],
-                         tolerance=s["tolerance"], min_channels=s["min_channels"])
-    record = _masks_record(model.arch, landing.masks, target_macs=target, method=s["method"],
+    budget = resolve_budget(s["target"], model.arch, s["min_channels"], s["channel_multiple"], s["latency_table"])
+    landing = run_pruner(s["method"], model, budget.target, channel_multiple=s["channel_multiple"],
+                         tolerance=s["tolerance"], min_channels=s["min_channels"], cost=budget.cost(model.arch))
+    record = _masks_record(model.arch, landing.masks, **budget.record(), method=s["method"],
                            channel_multiple=s["channel_multiple"], **landing.record())
     tracker = _tracker(cfg, "prune", world, out_masks, weights_in=weights)  # a store that fails, fails before any output
     atomic_write_json(out_masks, record)
-    tracker.metrics({"target_macs": target, "macs": record["macs"],
+    targets = {k: v for k, v in budget.record().items() if k in ("target_macs", "target_latency_ms") and v is not None}
+    tracker.metrics({**targets, "macs": record["macs"],
                      **{k: v for k, v in landing.record().items() if v is not None}})
     tracker.artifact(out_masks)
     tracker.finish(True)

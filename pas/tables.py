@@ -30,9 +30,9 @@ from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
 
 ROW_KEYS = ("eval", "masks", "search", "finetune", "train", "latency")
-COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "macs", "macs_ptflops", "params", "top1", "top5",
-           "latency_device", "search_s", "finetune_s", "train_s", "macs_before_landing", "landing_moved_channels",
-           "landing_moved_share", "widths"]
+COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "target_latency_ms", "predicted_latency_ms", "macs",
+           "macs_ptflops", "params", "top1", "top5", "latency_device", "search_s", "finetune_s", "train_s",
+           "macs_before_landing", "landing_moved_channels", "landing_moved_share", "widths"]
 TEXT_COLUMNS = ("model", "method", "backbone", "latency_device", "widths")
 # Whole numbers: the CSV writes them without a decimal point, and an empty cell where there is none.
 COUNT_COLUMNS = ("seed", "target_macs", "macs", "macs_ptflops", "params", "macs_before_landing",
@@ -134,13 +134,16 @@ def table_row(spec: dict[str, str]) -> dict:
 # the table's landing columns and the masks.json fields / search and prune metrics they come from
 LANDING_METRICS = {"macs_before_landing": "search_macs_before_landing",
                    "landing_moved_channels": "landing_moved_channels",
-                   "landing_moved_share": "landing_moved_macs_share"}
+                   "landing_moved_share": "landing_moved_macs_share",
+                   # a latency budget: its target and the latency table's prediction for the landed widths
+                   "target_latency_ms": "target_latency_ms", "predicted_latency_ms": "predicted_latency_ms"}
 
 
 def landing_values(masks: dict) -> dict:
     """What the landing after a search (or a baseline's scoring) moved: the MACs before it, the
     channels it added plus removed, and the share of the full network's MACs it moved (absent where
-    the ranking is the landing itself: bn_gamma, l1)."""
+    the ranking is the landing itself: bn_gamma, l1); for a latency budget its target and the
+    latency the table predicts for the landed widths."""
     return {column: masks.get(field) for column, field in LANDING_METRICS.items()}
 
 
@@ -259,7 +262,7 @@ def _fmt(key: str, value) -> str:
         return f"{v / 1e9:.3f}G" if v >= 1e9 else f"{v / 1e6:.3f}M" if v >= 1e6 else f"{v / 1e3:.1f}K"
     if key in ("top1", "top5"):
         return f"{float(value):.2f}"
-    if key.startswith(("latency_ms", "ort_latency_ms")):
+    if key.startswith(("latency_ms", "ort_latency_ms")) or key.endswith("_latency_ms"):
         return f"{float(value):.3f}"
     if key.startswith("throughput") or key.endswith("_s"):
         return f"{float(value):.0f}"
@@ -281,6 +284,8 @@ def _display_columns(frame: pd.DataFrame) -> dict[str, str]:
     shown.update({"search_s": "search s", "finetune_s": "fine-tune s", "train_s": "train s"})
     if frame["landing_moved_share"].notna().any():  # shown where a landing moved anything
         shown["landing_moved_share"] = "landing moved %"
+    if frame["target_latency_ms"].notna().any():  # shown where a variant has a latency budget
+        shown.update({"target_latency_ms": "target ms", "predicted_latency_ms": "predicted ms"})
     return {c: shown[c] for c in frame.columns if c in shown}
 
 

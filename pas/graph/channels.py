@@ -51,6 +51,15 @@ _PASS_FUNCTIONS = {_F.relu, _F.relu6, _F.hardswish, _F.hardsigmoid, _F.silu, _F.
                    _F.leaky_relu, _F.elu, _F.mish, _F.dropout, _F.dropout2d, _F.adaptive_avg_pool2d,
                    _F.adaptive_max_pool2d, _F.avg_pool2d, _F.max_pool2d, _F.interpolate, torch.relu,
                    torch.sigmoid, torch.tanh, torch.nn.functional.pad, torch.clone}
+# Activations a conv may end in (the latency table times conv + activation, as deployed).
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.GELU, nn.Tanh,
+                nn.LeakyReLU, nn.ELU, nn.Mish)
+_ACTIVATION_FUNCTIONS = {_F.relu: "ReLU", torch.relu: "ReLU", _F.relu6: "ReLU6", _F.silu: "SiLU",
+                         _F.hardswish: "Hardswish", _F.hardsigmoid: "Hardsigmoid", _F.sigmoid: "Sigmoid",
+                         torch.sigmoid: "Sigmoid", _F.gelu: "GELU", _F.tanh: "Tanh", torch.tanh: "Tanh",
+                         _F.leaky_relu: "LeakyReLU", _F.elu: "ELU", _F.mish: "Mish"}
+_ACTIVATION_METHODS = {"relu": "ReLU", "relu_": "ReLU", "sigmoid": "Sigmoid", "sigmoid_": "Sigmoid",
+                       "tanh": "Tanh"}
 _PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float", "half",
                  "to", "type_as", "detach"}
 _ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
@@ -89,6 +98,12 @@ class Layer:
     out_channels: int = 0
     bn: str | None = None  # conv: the BN right after it, which deployment folds into it
     folded: bool = False  # norm: folded into the conv before it when deployed
+    # conv geometry, as the latency table rebuilds the layer: input side, stride, padding, dilation
+    in_hw: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    act: str | None = None  # the torch.nn activation class applied right after it (its BN), if any
 
 
 @dataclass
@@ -164,13 +179,15 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph)
 
 
-def _fused_view(module: nn.Module) -> nn.Module:
-    """The conv a fusable leaf becomes (read on a copy, the model is untouched)."""
+def _fused_view(module: nn.Module) -> tuple[nn.Module, str | None]:
+    """The conv a fusable leaf becomes, and the activation it ends in (read on a copy, the model is
+    untouched)."""
     fused = copy.deepcopy(module).eval().fuse()
     convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     if len(convs) != 1:
         raise PasError(f"{type(module).__name__}.fuse() gives {len(convs)} convs; expected exactly one")
-    return convs[0]
+    acts = [type(m).__name__ for m in fused.modules() if isinstance(m, _ACTIVATIONS)]
+    return convs[0], acts[-1] if acts else None
 
 
 class _Analysis:
@@ -266,7 +283,8 @@ class _Analysis:
         module = self.modules[name]
         args = [a for a in _flat(node.args, node.kwargs) if isinstance(a, fx.Node) and a in self.layout]
         if callable(getattr(module, "fuse", None)):
-            self.conv(node, name, _fused_view(module), args, site=name)
+            conv, act = _fused_view(module)
+            self.conv(node, name, conv, args, site=name, act=act)
         elif isinstance(module, nn.Conv2d):
             self.conv(node, name, module, args, site=self.site_after(node, name))
         elif isinstance(module, nn.Linear):
@@ -311,13 +329,31 @@ class _Analysis:
             return users[0].target
         return name
 
-    def conv(self, node, name, conv: nn.Conv2d, args, site: str) -> None:
+    def activation_after(self, node: fx.Node, site: str) -> str | None:
+        """The activation applied to a conv's output (after its BN), when it is the output's only use."""
+        if site != node.target:
+            users = list(node.users)
+            node = users[0] if len(users) == 1 and users[0].target == site else node
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if user.op == "call_module" and isinstance(self.modules[user.target], _ACTIVATIONS):
+            return type(self.modules[user.target]).__name__
+        if user.op == "call_function":
+            return _ACTIVATION_FUNCTIONS.get(user.target)
+        return _ACTIVATION_METHODS.get(user.target) if user.op == "call_method" else None
+
+    def conv(self, node, name, conv: nn.Conv2d, args, site: str, act: str | None = None) -> None:
         lay = self.layout[args[0]]
         c_in, c_out, g = conv.in_channels, conv.out_channels, conv.groups
-        shape = self.shape(node)
+        shape, in_shape = self.shape(node), self.shape(args[0])
         hw = (shape[2], shape[3])
+        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         common = dict(kernel=tuple(conv.kernel_size), out_hw=hw, groups=g, bias=conv.bias is not None,
-                      in_channels=c_in, out_channels=c_out)
+                      in_channels=c_in, out_channels=c_out, in_hw=(in_shape[2], in_shape[3]),
+                      stride=tuple(conv.stride), padding=padding, dilation=tuple(conv.dilation),
+                      act=act if act is not None else self.activation_after(node, site))
         if g == 1:
             out = (self.new_space(c_out, name, hw[1]),)
             kind = "conv"
@@ -356,7 +392,8 @@ class _Analysis:
         lay, factor = self.layout[src], self.factor.get(src, 1)
         out = (self.new_space(linear.out_features, name, 1),)
         self.layers.append(Layer(name, "linear", lay, out, bias=linear.bias is not None, factor=factor,
-                                 in_channels=linear.in_features, out_channels=linear.out_features))
+                                 in_channels=linear.in_features, out_channels=linear.out_features,
+                                 act=self.activation_after(node, name)))
         self.layout[node] = out
         self.sites.setdefault(name, out)
 

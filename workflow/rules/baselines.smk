@@ -9,6 +9,7 @@ rule prune:
     """Baseline masks at a variant's target, from the pretrained backbone (`pas prune`)."""
     input:
         weights=search_weights,
+        latency_table=variant_latency_table,
     output:
         masks="results/seed{seed}/models/{method}/{model}/masks.json",
     log:

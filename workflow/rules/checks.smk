@@ -8,7 +8,7 @@ import yaml
 
 import pas.models
 from pas.errors import PasError
-from pas.search import resolve_target
+from pas.search import latency_target, resolve_target
 
 # Shape of each dataset's images (in_channels, num_classes, side); `folder` is read from its root.
 DATASET_SHAPES = {"animal_mnist": (1, 10, 28), "digits": (1, 10, 8), "cifar10": (3, 10, 32),
@@ -85,7 +85,11 @@ def check_config(cfg):
         except PasError as e:
             config_error(f"{key}.backbone", f"{e} (dataset {cfg['dataset']['name']}, resize {cfg['dataset']['resize']})")
         try:
-            if arch is not None:
+            if latency_target(v["target"]) is not None:  # its range is known once the table is measured
+                if dataset_shape(cfg) is None:
+                    config_error(f"{key}.target", f"{v['name']}: a latency target needs the dataset's image shape "
+                                                  f"to measure the latency table; expected dataset.resize")
+            elif arch is not None:
                 resolve_target(v["target"], arch, cfg["search"]["min_channels"], cfg["search"]["channel_multiple"])
         except PasError as e:
             config_error(f"{key}.target", f"{v['name']} on {v['backbone']}: {e}")

@@ -197,6 +197,8 @@ def scratch_target(model):
         return ""
     macs = int(arch.macs())
     for v in variants().values():
+        if latency_target(v["target"]) is not None:
+            continue  # a latency budget matches no MACs figure
         searched = network_arch(config, v["backbone"])
         if abs(resolve_target(v["target"], searched) / macs - 1) <= 0.01:
             return str(v["target"])
@@ -226,21 +228,51 @@ def pretrain_import(wildcards):
     return f"--import {shlex.quote(path)}" if path else ""
 
 
+def latency_table_path(backbone):
+    return f"results/latency_tables/{backbone}.json"
+
+
+def variant_latency_table(wildcards):
+    """The latency table a variant with a latency target searches on (no input for a MACs target)."""
+    v = variants()[wildcards.model]
+    return [latency_table_path(v["backbone"])] if latency_target(v["target"]) is not None else []
+
+
+def budget_slice(v):
+    """The target, and the backbone's latency table for a latency target."""
+    if latency_target(v["target"]) is None:
+        return {"target": v["target"]}
+    return {"target": v["target"], "latency_table": latency_table_path(v["backbone"])}
+
+
 def search_flags(wildcards):
     v, s = variants()[wildcards.model], config["search"]
     search = {k: s[k] for k in ("alpha", "min_channels", "tolerance", "channel_multiple", "penalty_gradient",
                                 "history_every")}
     search["alpha"] = v.get("alpha", search["alpha"])
     return set_flags({**common_slice(v["backbone"], tags_for("pas", wildcards.model, wildcards.seed)),
-                      **training_slice("search"), "search": {**search, "target": v["target"]}})
+                      **training_slice("search"), "search": {**search, **budget_slice(v)}})
 
 
 def prune_flags(wildcards):
     v, s = variants()[wildcards.model], config["search"]
     return set_flags({**common_slice(v["backbone"], tags_for(wildcards.method, wildcards.model, wildcards.seed)),
-                      "search": {"method": wildcards.method, "target": v["target"],
+                      "search": {"method": wildcards.method, **budget_slice(v),
                                  "min_channels": s["min_channels"], "tolerance": s["tolerance"],
                                  "channel_multiple": s["channel_multiple"]}})
+
+
+def latency_table_flags(wildcards):
+    """pas latency-table's options: the backbone at the data's shape, the measurement's settings."""
+    shape = dataset_shape(config)
+    if shape is None:
+        raise ValueError("a latency target needs the dataset's image shape: set dataset.resize")
+    channels, classes, side = shape
+    t = config["latency_table"]
+    return (f"--backbone {shlex.quote(wildcards.backbone)} --resolution {side} --num-classes {classes} "
+            f"--in-channels {channels} --channel-multiple {config['search']['channel_multiple']} "
+            f"--runtime {t['runtime']} --device {t['device']} --batch {t['batch']} --threads {t['threads']} "
+            f"--points {t['points']} --rounds {t['rounds']}")
 
 
 def finetune_flags(wildcards):

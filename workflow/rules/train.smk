@@ -55,6 +55,7 @@ rule search:
     input:
         tracking=tracking_marker,
         weights=search_weights,
+        latency_table=variant_latency_table,
     output:
         weights="results/seed{seed}/models/pas/{model}/search/weights.pt",
         masks="results/seed{seed}/models/pas/{model}/search/masks.json",
@@ -158,6 +159,27 @@ rule evaluate:
     shell:
         "pas evaluate {params.stage} --set threads={threads} --arch {input.arch} --weights {input.weights} "
         "--out {output.result} > {log} 2>&1"
+
+
+rule latency_table:
+    """Per-layer latency of a backbone over a grid of widths, measured alone on the machine (`pas
+    latency-table`): what a variant with a latency target ('3.5ms') searches and lands on."""
+    output:
+        table="results/latency_tables/{backbone}.json",
+        csv="results/latency_tables/{backbone}.csv",
+    log:
+        "results/latency_tables/logs/{backbone}.log",
+    benchmark:
+        "results/latency_tables/logs/{backbone}.benchmark.tsv"
+    params:
+        flags=latency_table_flags,
+    threads: whole_machine
+    resources:
+        **LATENCY_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas latency-table {params.flags} --out {output.table} --csv {output.csv} > {log} 2>&1"
 
 
 rule latency:
