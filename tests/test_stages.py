@@ -248,6 +248,40 @@ def test_prune_widths_are_multiples_of_search_channel_multiple(chain, tmp_path):
     assert bad.stderr == "pas: error: config key 'search.channel_multiple' must be >= 1, got 0\n"
 
 
+def test_search_and_prune_to_a_latency_budget(chain, tmp_path):
+    """A measured table, PaS and uniform to a budget in ms (halfway between the narrowest and the full
+    network's predicted latency: a tiny network's range depends on the machine) through the stages:
+    masks.json says what the budget was and what the table predicts for the landed widths (recomputed
+    by scipy's interpolation of the table's grid), and the table shows both."""
+    from pas.landing import WidthRule
+    from pas.latency_table import LatencyTable
+    from tests.test_latency_table import oracle
+    pas("latency-table", "--backbone", BACKBONE, "--resolution", 28, "--num-classes", 10, "--in-channels", 1,
+        "--points", 3, "--rounds", 2, "--warmup", 0, "--runtime", "pytorch", "--batch", 8, "--out", "t.json",
+        cwd=tmp_path)
+    table = LatencyTable.load(tmp_path / "t.json")
+    full = oracle(table, arch().full_widths(), 1, 10)
+    target = (full + oracle(table, WidthRule(arch()).minimum(), 1, 10)) / 2
+    budget = ["--set", f"search.target={target:.6f}ms", "--set", f"search.latency_table={tmp_path / 't.json'}",
+              "--set", "search.tolerance=0.02"]
+    pas("search", "--config", chain / "cfg.yaml", *budget, "--set", "epochs=1", "--weights", chain / "pre/w.pt",
+        "--out-weights", "s/w.pt", "--out-masks", "s/masks.json", "--out-history", "s/h.json",
+        "--out-metrics", "s/m.json", cwd=tmp_path)
+    pas("prune", "--config", chain / "cfg.yaml", *budget, "--set", "search.method=uniform",
+        "--weights", chain / "pre/w.pt", "--out-masks", "u.json", cwd=tmp_path)
+    for path in ("s/masks.json", "u.json"):
+        m = load(tmp_path / path)
+        assert m["target_macs"] is None and m["target_latency_ms"] == pytest.approx(target, abs=1e-6)
+        assert m["latency_table"]["batch"] == 8 and m["latency_table"]["runtime"] == "pytorch"
+        predicted = oracle(table, m["widths"], 1, 10)
+        assert m["predicted_latency_ms"] == pytest.approx(predicted)
+        assert 0.98 * m["target_latency_ms"] <= predicted <= m["target_latency_ms"]
+        assert counted(m["masks"]) == m["macs"]
+    from pas.tables import landing_values
+    assert landing_values(load(tmp_path / "u.json"))["predicted_latency_ms"] == pytest.approx(
+        oracle(table, load(tmp_path / "u.json")["widths"], 1, 10))
+
+
 # -- resume after kill -9 ------------------------------------------------------------------------
 
 RESUME = ["--config", "cfg.yaml", "--set", "dataset.max_train=1024", "--set", "epochs=4"]
