@@ -4,7 +4,8 @@
                     member at its MACs, layers placed by feature-map side
     accuracy_latency top-1 (mean ± std over the seeds) against PyTorch latency at the largest batch:
                     one panel per backbone, one line per method across the targets, the full
-                    backbone and the scratch members as reference markers
+                    backbone and the scratch members as reference markers; a network searched to a
+                    latency budget at that batch also at its predicted latency (hollow marker)
     accuracy_macs   the same against MACs
     gates           kept channels per layer (fraction of the full width) against search progress
     search_macs     MACs of the gated network during the search, with each variant's target
@@ -179,15 +180,37 @@ def accuracy_panel(ax, points: pd.DataFrame, backbone: str):
     ax.legend(*zip(*entries), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def plot_accuracy_vs(rows: list[dict], xkey: str, xlabel: str, scale: float = 1.0):
-    """Top-1 (mean ± std over the seeds) against `xkey` / scale, one panel per searched backbone."""
+def predicted_panel(ax, measured: pd.DataFrame, predicted: pd.DataFrame, backbone: str) -> None:
+    """Networks searched to a latency budget: a hollow marker at the latency the table predicted,
+    joined to the measured point by a dotted line (same top-1)."""
+    mine = predicted[predicted["backbone"] == backbone]
+    if mine.empty:
+        return
+    at = measured.set_index(["model", "method"])["x"]
+    for _, p in mine.iterrows():
+        if (p["model"], p["method"]) in at.index:
+            ax.plot([at[(p["model"], p["method"])], p["x"]], [p["y"], p["y"]], ls=":", color="0.4", lw=1, zorder=1)
+    ax.scatter(mine["x"], mine["y"], facecolors="none", edgecolors="0.2", s=60, zorder=4,
+               label="predicted by the latency table")
+    handles, labels = ax.get_legend_handles_labels()
+    old = ax.get_legend()
+    ax.legend([*old.legend_handles, handles[-1]], [t.get_text() for t in old.get_texts()] + [labels[-1]],
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def plot_accuracy_vs(rows: list[dict], xkey: str, xlabel: str, scale: float = 1.0, predicted_key: str | None = None):
+    """Top-1 (mean ± std over the seeds) against `xkey` / scale, one panel per searched backbone;
+    with `predicted_key`, the rows that have it get a predicted point too (`predicted_panel`)."""
     points = over_seeds(rows, xkey)
     points["x"] = points["x"] / scale
     backbones = list(dict.fromkeys(points.loc[points["method"].isin(METHOD_COLORS), "backbone"]))
     seeds = len({r.get("seed") for r in rows})
     fig, axes = grid(max(1, len(backbones)), width=6.5, height=4.2)
+    predicted = over_seeds(rows, predicted_key) if predicted_key else None
     for ax, backbone in zip(axes, backbones):
         accuracy_panel(ax, points, backbone)
+        if predicted is not None:
+            predicted_panel(ax, points, predicted, backbone)
         ax.set(title=f"{backbone}: top-1 over {seeds} seed{'s' * (seeds > 1)} (mean ± std)", xlabel=xlabel,
                ylabel="top-1 (%)")
     return fig
@@ -205,7 +228,12 @@ def largest_batch(rows: list[dict]) -> int:
 def plot_accuracy_latency(rows: list[dict]):
     b = largest_batch(rows)
     device = " and ".join(sorted({r["latency_device"] for r in rows if r.get("latency_device")}))
-    return plot_accuracy_vs(rows, f"latency_ms_b{b}", f"PyTorch latency at batch {b} (ms, {device})")
+    # a latency budget's predicted latency, where its table was measured at this batch
+    rows = [{**r, "predicted_at_b": r.get("predicted_latency_ms") if r.get("latency_table_batch") == b else None}
+            for r in rows]
+    any_predicted = any(r["predicted_at_b"] is not None for r in rows)
+    return plot_accuracy_vs(rows, f"latency_ms_b{b}", f"PyTorch latency at batch {b} (ms, {device})",
+                            predicted_key="predicted_at_b" if any_predicted else None)
 
 
 def plot_accuracy_macs(rows: list[dict]):

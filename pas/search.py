@@ -81,6 +81,7 @@ class Budget:
             return {"target_macs": int(self.target)}
         d = self.table.data
         return {"target_macs": None, "target_latency_ms": self.target, "full_predicted_latency_ms": self.full,
+                "latency_table_batch": d["batch"],
                 "latency_table": {k: d[k] for k in ("backbone", "runtime", "device", "batch", "threads")}
                 | {"source": self.table.source}}
 

@@ -322,12 +322,14 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     final = result.metrics[-1] if result.metrics else {}
     metrics = {"stage": "search", "backbone": cfg["backbone"], "epochs": cfg["epochs"],
                "target_macs": result.target_macs, "macs": result.macs, "searched_macs": result.searched_macs,
-               **{k: record[k] for k in ("target_latency_ms", "predicted_latency_ms") if k in record},
+               **{k: record[k] for k in ("target_latency_ms", "predicted_latency_ms", "latency_table_batch")
+                  if k in record},
                "widths": record["widths"], "final_top1": final.get("top1"), "final_top5": final.get("top5"),
                "wall_seconds": wall, "history": result.metrics}
     # the final (target-adjusted) widths, as the last point of each kept_NN curve
     tracker.metrics({f"kept_{i:02d}": w for i, w in enumerate(record["widths"])}, step=cfg["epochs"] + 1)
-    tracker.metrics(landing, step=cfg["epochs"] + 1)
+    tracker.metrics({**landing, **{k: record[k] for k in ("target_latency_ms", "latency_table_batch") if k in record}},
+                    step=cfg["epochs"] + 1)
     _finish_training(tracker, out_weights, model, out_metrics, metrics, state, (out_masks, out_history))
     return metrics
 
@@ -370,7 +372,8 @@ def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
                            channel_multiple=s["channel_multiple"], **landing.record())
     tracker = _tracker(cfg, "prune", world, out_masks, weights_in=weights)  # a store that fails, fails before any output
     atomic_write_json(out_masks, record)
-    targets = {k: v for k, v in budget.record().items() if k in ("target_macs", "target_latency_ms") and v is not None}
+    targets = {k: v for k, v in budget.record().items()
+               if k in ("target_macs", "target_latency_ms", "latency_table_batch") and v is not None}
     tracker.metrics({**targets, "macs": record["macs"],
                      **{k: v for k, v in landing.record().items() if v is not None}})
     tracker.artifact(out_masks)

@@ -30,13 +30,14 @@ from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
 
 ROW_KEYS = ("eval", "masks", "search", "finetune", "train", "latency")
-COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "target_latency_ms", "predicted_latency_ms", "macs",
+COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "target_latency_ms", "predicted_latency_ms",
+           "latency_table_batch", "macs",
            "macs_ptflops", "params", "top1", "top5", "latency_device", "search_s", "finetune_s", "train_s",
            "macs_before_landing", "landing_moved_channels", "landing_moved_share", "widths"]
 TEXT_COLUMNS = ("model", "method", "backbone", "latency_device", "widths")
 # Whole numbers: the CSV writes them without a decimal point, and an empty cell where there is none.
-COUNT_COLUMNS = ("seed", "target_macs", "macs", "macs_ptflops", "params", "macs_before_landing",
-                 "landing_moved_channels")
+COUNT_COLUMNS = ("seed", "target_macs", "latency_table_batch", "macs", "macs_ptflops", "params",
+                 "macs_before_landing", "landing_moved_channels")
 # Shown in the Markdown/LaTeX tables (the CSV has every column), with their headings.
 DISPLAY = {"model": "model", "method": "method", "seed": "seed", "backbone": "backbone", "target_macs": "target MACs",
            "macs": "MACs", "params": "params", "top1": "top-1 %", "top5": "top-5 %"}
@@ -136,7 +137,8 @@ LANDING_METRICS = {"macs_before_landing": "search_macs_before_landing",
                    "landing_moved_channels": "landing_moved_channels",
                    "landing_moved_share": "landing_moved_macs_share",
                    # a latency budget: its target and the latency table's prediction for the landed widths
-                   "target_latency_ms": "target_latency_ms", "predicted_latency_ms": "predicted_latency_ms"}
+                   "target_latency_ms": "target_latency_ms", "predicted_latency_ms": "predicted_latency_ms",
+                   "latency_table_batch": "latency_table_batch"}
 
 
 def landing_values(masks: dict) -> dict:
@@ -285,7 +287,8 @@ def _display_columns(frame: pd.DataFrame) -> dict[str, str]:
     if frame["landing_moved_share"].notna().any():  # shown where a landing moved anything
         shown["landing_moved_share"] = "landing moved %"
     if frame["target_latency_ms"].notna().any():  # shown where a variant has a latency budget
-        shown.update({"target_latency_ms": "target ms", "predicted_latency_ms": "predicted ms"})
+        shown.update({"target_latency_ms": "target ms", "predicted_latency_ms": "predicted ms",
+                      "latency_table_batch": "at batch"})
     return {c: shown[c] for c in frame.columns if c in shown}
 
 

@@ -89,6 +89,22 @@ def test_accuracy_figure_keeps_the_outlier_at_the_edge_and_names_it_in_the_legen
                       "scratch repvgg_a0_mini"]
 
 
+def test_a_latency_budget_is_drawn_at_its_predicted_latency_where_the_table_has_the_plotted_batch():
+    """PaS-B searched to 2.2 ms at batch 64 (measured 2.0 ms): a hollow marker at (2.2, its mean top-1)
+    joined to the measured point; a table of batch 1 is not drawn against batch-64 latency."""
+    rows = accuracy_rows()
+    for r in rows:
+        if r["model"] == "PaS-B":
+            r.update(predicted_latency_ms=2.2, latency_table_batch=64)
+        if r["model"] == "PaS-C":
+            r.update(predicted_latency_ms=0.3, latency_table_batch=1)
+    ax = plot_accuracy_latency(rows).axes[0]
+    hollow = [c for c in ax.collections if c.get_label() == "predicted by the latency table"]
+    assert len(hollow) == 1 and hollow[0].get_offsets().tolist() == [[2.2, 91.5]]
+    assert ([2.0, 2.2], [91.5, 91.5]) in [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines]
+    assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "predicted by the latency table"
+
+
 def test_width_panel_shows_pas_on_its_backbone_and_the_scratch_member_by_side():
     rows = [row("PaS-A", "pas", 90.0, 0, macs=516000, widths=[4, 4, 4, 8, 8, 16, 16, 16, 16, 100]),
             row("repvgg_a0_mini", "scratch", 92.0, 0, macs=516544, widths=[6, 6, 12, 12, 24, 24, 24, 160]),

@@ -59,11 +59,11 @@ def test_latex_escapes_every_special_character_and_markdown_and_csv_keep_the_nam
         ["b_0", "full", "b_0", "", "2.500G", "1.0K", "90.00", "100.00", "2.000", "500", "", "", "100"]]
     # whole numbers without a decimal point, missing values as empty cells
     assert (tmp_path / "t.csv").read_text().splitlines() == [
-        "model,method,seed,backbone,target_macs,target_latency_ms,predicted_latency_ms,macs,macs_ptflops,params,top1,"
+        "model,method,seed,backbone,target_macs,target_latency_ms,predicted_latency_ms,latency_table_batch,macs,macs_ptflops,params,top1,"
         "top5,latency_ms_b1,throughput_b1,latency_device,search_s,finetune_s,train_s,macs_before_landing,"
         "landing_moved_channels,landing_moved_share,widths",
-        f"{NAME},pas,0,b_0,516544,,,515000,515000,123456,87.5,99.0,1.23456,810.0123,cpu,12.345,33.3,,,,,4 8 16",
-        "b_0,full,0,b_0,,,,2500000000,,999,90.0,100.0,2.0,500.0,cpu,,,100.5,,,,8 16 32"]
+        f"{NAME},pas,0,b_0,516544,,,,515000,515000,123456,87.5,99.0,1.23456,810.0123,cpu,12.345,33.3,,,,,4 8 16",
+        "b_0,full,0,b_0,,,,,2500000000,,999,90.0,100.0,2.0,500.0,cpu,,,100.5,,,,8 16 32"]
     with open(tmp_path / "t.csv", newline="") as f:
         assert [r["model"] for r in csv.DictReader(f)] == [NAME, "b_0"]
     back = as_records(read_table(tmp_path / "t.csv"))
@@ -98,7 +98,7 @@ def test_a_row_is_read_from_the_files_of_one_network(tmp_path):
         "latency_ms_b1": 0.25, "throughput_b1": 4000.0, "latency_ms_b8": 0.5, "throughput_b8": 16000.0,
         "search_s": 12.5, "finetune_s": 30.25, "train_s": None, "widths": "4 8 16",
         "macs_before_landing": 600000, "landing_moved_channels": 7, "landing_moved_share": 0.0625,
-        "target_latency_ms": None, "predicted_latency_ms": None}
+        "target_latency_ms": None, "predicted_latency_ms": None, "latency_table_batch": None}
     # a reference network has no target even with masks; a row without a variant is named by its folder
     (tmp_path / "b0").mkdir()
     ref = {k: v for k, v in ev.items() if k != "variant"} | {"method": "full"}
@@ -109,10 +109,10 @@ def test_a_row_is_read_from_the_files_of_one_network(tmp_path):
     rows = ",".join(f"{k}={v}" for k, v in spec.items())
     assert pas_main(["tables", "--row", rows, "--out-dir", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "main.csv").read_text().splitlines() == [
-        "model,method,seed,backbone,target_macs,target_latency_ms,predicted_latency_ms,macs,macs_ptflops,params,top1,"
+        "model,method,seed,backbone,target_macs,target_latency_ms,predicted_latency_ms,latency_table_batch,macs,macs_ptflops,params,top1,"
         "top5,latency_ms_b1,throughput_b1,latency_ms_b8,throughput_b8,latency_device,search_s,finetune_s,train_s,"
         "macs_before_landing,landing_moved_channels,landing_moved_share,widths",
-        "PaS-A,pas,1,b0,516544,,,515000,,123456,87.5,99.0,0.25,4000.0,0.5,16000.0,cuda,12.5,30.25,,600000,7,0.0625,"
+        "PaS-A,pas,1,b0,516544,,,,515000,,123456,87.5,99.0,0.25,4000.0,0.5,16000.0,cuda,12.5,30.25,,600000,7,0.0625,"
         "4 8 16"]
     # the landing's share shown in percent
     md = (tmp_path / "out" / "main.md").read_text()

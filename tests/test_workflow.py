@@ -443,6 +443,24 @@ def test_default_dag(tmp_path):
         "evidence": 1, "all": 1}
 
 
+def test_latency_config_measures_one_table_per_backbone_before_its_latency_searches(tmp_path):
+    """config/latency.yaml: a latency_table job per backbone with a latency variant; those variants'
+    search and prune jobs read it, the MACs variants do not."""
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(DEFAULT), str(ROOT / "config" / "latency.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["latency_table"] == 2 and counts["search"] == 4 and counts["prune"] == 12
+    shells = [line for line in result.stdout.splitlines() if line.startswith(("pas search", "pas prune"))]
+    reads = {"repvgg": "--set search.latency_table=results/latency_tables/repvgg_b0_mini.json",
+             "mobilenet": "--set search.latency_table=results/latency_tables/mobilenetv2_mini_035.json"}
+    for line in shells:
+        latency = "-latency," in line  # the variant's tag
+        assert ("--set 'search.target=70% latency'" in line) == latency, line
+        assert any(flag in line for flag in reads.values()) == latency, line
+    assert "pas latency-table --backbone repvgg_b0_mini --resolution 28 --num-classes 10 --in-channels 1" \
+        in result.stdout and "--batch 64" in result.stdout
+
+
 def test_paper_config_dry_run_needs_no_data(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "config" / "paper.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
