@@ -29,6 +29,7 @@ prediction error recorded; `pas latency-table` prints it.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -122,7 +123,8 @@ def _case(name: str, module: nn.Module, shape, *, batch: int, runtime: str, devi
         module = module.to(device)
         return Case(name, runtime, device, batch, _torch_call(module, x.to(device), device))
     import warnings
-    path = tmp / f"{name}.onnx"
+    handle, path = tempfile.mkstemp(suffix=".onnx", dir=tmp)  # any name, even one with a '/'
+    os.close(handle)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=["input"])
@@ -136,7 +138,9 @@ def _compact_at(model: nn.Module, widths: list[int]) -> nn.Module:
     return compact(model, masks).eval()
 
 
-def _network_case(name, model, widths, *, batch, runtime, device, threads, tmp):
+def network_case(name, model, widths, *, batch, runtime, device, threads, tmp):
+    """The timed case of `model`'s compact network at these widths (random weights: latency depends
+    on the architecture only)."""
     net = _compact_at(model, widths)
     arch = model.arch
     return _case(name, net, (arch.in_channels, arch.resolution, arch.resolution), batch=batch, runtime=runtime,
@@ -189,7 +193,7 @@ def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxrunti
                     progress(f"entry {e + 1}/{len(entries)}: {entry['kind']} {len(cases)} points")
             nets = {"full": arch.full_widths(), "low": check_widths(arch, rule, CALIBRATION_SCALE),
                     **{f"check{s:g}": check_widths(arch, rule, s) for s in check}}
-            cases = [_network_case(n, model, w, batch=batch, runtime=runtime, device=device, threads=threads,
+            cases = [network_case(n, model, w, batch=batch, runtime=runtime, device=device, threads=threads,
                                    tmp=tmp) for n, w in nets.items()]
             measured = {c.model: r["latency_ms"] for c, r in zip(cases, time_alternately(cases, rounds=rounds,
                                                                                           warmup=warmup))}

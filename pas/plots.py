@@ -325,8 +325,11 @@ def plot_search_macs(histories: dict[str, dict]):
     ax = axes[0]
     for i, (name, h) in enumerate(histories.items()):
         x = search_progress(h)
-        ax.plot(x, [r["macs"] / 1e6 for r in h["records"]], color=f"C{i}", label=name)
-        ax.axhline(h["target_macs"] / 1e6, color=f"C{i}", ls="--", lw=0.8)
+        budget = h.get("target_macs")
+        ax.plot(x, [r["macs"] / 1e6 for r in h["records"]], color=f"C{i}",
+                label=name if budget is not None else f"{name} (latency budget: no MACs target)")
+        if budget is not None:
+            ax.axhline(budget / 1e6, color=f"C{i}", ls="--", lw=0.8)
     ax.set(xlabel="search epoch", ylabel="MACs (M)", title="MACs during the search (dashed: target)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -123,6 +123,22 @@ def test_pas_and_every_baseline_land_on_the_predicted_budget():
         assert 0.98 * 0.6 * full <= got <= 0.6 * full, method
 
 
+def test_the_latency_penalty_is_scaled_by_the_range_the_widths_control():
+    """At full width: alpha * ((T_full - target) / (T_full - T_narrowest))^2, each T by scipy."""
+    from pas.gates import attach_gates
+    from pas.landing import WidthRule
+    from pas.search import LatencyPenalty
+    model = M.build("repvgg_b0_mini", **SMALL)
+    arch = model.arch
+    table = synthetic_table(arch, seed=5)
+    attach_gates(model)
+    budget = resolve_budget("50ms", arch, latency_table=table)
+    full, lowest = oracle(table, arch.full_widths(), 1, 10), oracle(table, WidthRule(arch).minimum(), 1, 10)
+    penalty, macs = LatencyPenalty(arch, budget, alpha=14.0)(model)
+    assert float(penalty) == pytest.approx(14.0 * ((full - 50) / (full - lowest)) ** 2)
+    assert float(macs) == arch.macs()
+
+
 def test_the_traced_geometry_is_what_the_forward_pass_sees():
     """Input side, stride and the activation after each conv, against hooks on a real forward pass
     of torchvision's ResNet-18 (stride, padding from the modules; activation from the hook order)."""

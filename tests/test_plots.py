@@ -140,3 +140,15 @@ def test_make_plots_writes_every_figure_from_the_table_and_the_histories(tmp_pat
     assert all(p.read_bytes()[:4] in (b"\x89PNG", b"%PDF") for p in paths)
     with pytest.raises(PasError, match="--seed 7: the table .* has no rows of that seed"):
         make_plots(tmp_path / "main.csv", {}, tmp_path / "out", seed=7)
+
+
+def test_a_search_to_a_latency_budget_has_no_macs_target_line():
+    from pas.plots import plot_search_macs
+    records = [{"epoch": 1, "step": 0, "record": 0, "macs": 2e6, "kept": [8]},
+               {"epoch": 1, "step": 5, "record": 1, "macs": 1e6, "kept": [4]}]
+    histories = {"PaS-A": {"target_macs": 1.5e6, "records": records, "full_widths": [8]},
+                 "PaS-A-latency": {"target_macs": None, "records": records, "full_widths": [8]}}
+    ax = plot_search_macs(histories).axes[0]
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert [list(line.get_ydata()) for line in dashed] == [[1.5, 1.5]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["PaS-A", "PaS-A-latency (latency budget: no MACs target)"]
