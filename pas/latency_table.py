@@ -330,20 +330,36 @@ class _Grid:
         if len(ys) == 1:
             ys, z = torch.cat([ys, ys + 1]), torch.cat([z, z], 1)
         self.xs, self.ys, self.z = xs, ys, z
+        self._on: dict = {}  # device -> (xs, ys, z) there
+
+    def _grids(self, device):
+        if device not in self._on:
+            self._on[device] = (self.xs.to(device), self.ys.to(device), self.z.to(device))
+        return self._on[device]
 
     @staticmethod
-    def _cell(grid: torch.Tensor, v):
-        value = v.double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
-        i = int(torch.searchsorted(grid, value.detach().reshape(1).cpu(), right=True)[0]) - 1
-        i = min(max(i, 0), len(grid) - 2)
-        return i, (value - grid[i].to(value.device)) / float(grid[i + 1] - grid[i])
+    def _cell(grid: torch.Tensor, value: torch.Tensor):
+        """The cell of `grid` holding `value` (the last one beyond it) and the position in it, computed
+        on the value's device (no host synchronisation in a training step)."""
+        i = (torch.searchsorted(grid, value.detach().reshape(1), right=True) - 1).clamp(0, len(grid) - 2)[0]
+        return i, (value - grid[i]) / (grid[i + 1] - grid[i])
 
     def __call__(self, c_in, c_out=None):
-        i, tx = self._cell(self.xs, c_in)
-        j, ty = (0, 0.0) if c_out is None else self._cell(self.ys, c_out)
-        z = self.z.to(tx.device)
+        """Interpolated latency at these widths (ints, or tensors: then differentiable, on their device);
+        a depth-wise layer's grid has one axis (`c_out` None)."""
+        device = next((v.device for v in (c_in, c_out) if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        xs, ys, z = self._grids(device)
+        i, tx = self._cell(xs, _as_tensor(c_in, device))
+        if c_out is None:
+            j, ty = torch.zeros((), dtype=torch.long, device=device), 0.0
+        else:
+            j, ty = self._cell(ys, _as_tensor(c_out, device))
         return (1 - tx) * (1 - ty) * z[i, j] + tx * (1 - ty) * z[i + 1, j] + \
             (1 - tx) * ty * z[i, j + 1] + tx * ty * z[i + 1, j + 1]
+
+
+def _as_tensor(v, device) -> torch.Tensor:
+    return v.double() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
 
 
 # -- CLI --------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ code) every input factor is detached, so n_l is pulled only by the layers that w
 The kept counts are those the landing will see: each rounded to its nearest allowed width
 (`pas.landing.WidthRule`: search.channel_multiple, grouped convs), the gradient straight through.
 
-A latency budget. A target in time ('3.5ms', '800us', or '70% latency' of the full network) with a latency table (`pas latency-table`,
-`pas.latency_table`) puts the table's predicted latency of the gated network in place of the MACs,
+A latency budget. A target in time ('3.5ms', '800us', or '70% latency' of the full network) with a
+latency table (`pas latency-table`, `pas.latency_table`) puts the table's predicted latency of the
+gated network in place of the MACs,
 in the same two-sided scale-free form: alpha * ((T(b) - target) / (T_full - T_min))^2, T(b)
 interpolated in the table at the (rounded, straight-through) kept counts, so differentiable through
 the gates; the landing then meets the predicted latency within the tolerance. The scale is the range

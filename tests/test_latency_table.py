@@ -135,8 +135,8 @@ def test_the_latency_penalty_is_scaled_by_the_range_the_widths_control():
     budget = resolve_budget("50ms", arch, latency_table=table)
     full, lowest = oracle(table, arch.full_widths(), 1, 10), oracle(table, WidthRule(arch).minimum(), 1, 10)
     penalty, macs = LatencyPenalty(arch, budget, alpha=14.0)(model)
-    assert float(penalty) == pytest.approx(14.0 * ((full - 50) / (full - lowest)) ** 2)
-    assert float(macs) == arch.macs()
+    assert float(penalty.detach()) == pytest.approx(14.0 * ((full - 50) / (full - lowest)) ** 2)
+    assert float(macs.detach()) == arch.macs()
 
 
 def test_the_traced_geometry_is_what_the_forward_pass_sees():
