@@ -263,16 +263,17 @@ def prune_flags(wildcards):
 
 
 def latency_table_flags(wildcards):
-    """pas latency-table's options: the backbone at the data's shape, the measurement's settings."""
+    """pas latency-table's options (each shell-quoted): the backbone at the data's shape, the
+    measurement's settings."""
     shape = dataset_shape(config)
     if shape is None:
         raise ValueError("a latency target needs the dataset's image shape: set dataset.resize")
     channels, classes, side = shape
     t = config["latency_table"]
-    return (f"--backbone {shlex.quote(wildcards.backbone)} --resolution {side} --num-classes {classes} "
-            f"--in-channels {channels} --channel-multiple {config['search']['channel_multiple']} "
-            f"--runtime {t['runtime']} --device {t['device']} --batch {t['batch']} --threads {t['threads']} "
-            f"--points {t['points']} --rounds {t['rounds']}")
+    return shlex.join(["--backbone", wildcards.backbone, "--resolution", str(side), "--num-classes", str(classes),
+                       "--in-channels", str(channels), "--channel-multiple", str(config["search"]["channel_multiple"]),
+                       "--runtime", t["runtime"], "--device", t["device"], "--batch", str(t["batch"]),
+                       "--threads", str(t["threads"]), "--points", str(t["points"]), "--rounds", str(t["rounds"])])
 
 
 def finetune_flags(wildcards):

@@ -172,14 +172,14 @@ rule latency_table:
     benchmark:
         "results/latency_tables/logs/{backbone}.benchmark.tsv"
     params:
-        flags=latency_table_flags,
+        table=latency_table_flags,
     threads: whole_machine
     resources:
         **LATENCY_RESOURCES,
     conda:
         PAS_ENV
     shell:
-        "pas latency-table {params.flags} --out {output.table} --csv {output.csv} > {log} 2>&1"
+        "pas latency-table {params.table} --out {output.table} --csv {output.csv} > {log} 2>&1"
 
 
 rule latency:
