@@ -62,6 +62,10 @@ class WidthRule:
     def minimum(self) -> list[int]:
         return [allowed[0] for allowed in self.allowed]
 
+    def scaled(self, factor: float) -> list[int]:
+        """Every full width times `factor`, rounded, on its nearest allowed width."""
+        return self.nearest(round(factor * f) for f in self.full)
+
     def estimate(self, kept: list[torch.Tensor]) -> list[torch.Tensor]:
         """Differentiable kept counts as the landing will see them: each rounded to its nearest allowed
         width in the forward pass, the gradient passed straight through (d estimate / d kept = 1).

@@ -40,7 +40,7 @@ from torch import nn
 
 from pas.errors import PasError
 from pas.graph.channels import Layer
-from pas.graph.network import Network, block_mask
+from pas.graph.network import Network
 from pas.landing import WidthRule
 
 TABLE_FORMAT = "pas-latency-table/1"
@@ -87,10 +87,9 @@ def plan(arch: Network, *, channel_multiple: int = 1, points: int = DEFAULT_POIN
     rule = WidthRule(arch, channel_multiple)
     entries, index, of_layer = [], {}, []
     for layer in timed_layers(arch):
-        step_in = layer.groups if layer.kind == "grouped" else 1
-        ins = _axis_values(arch, rule, layer.in_layout, points, max(step_in, 1))
-        outs = ins if layer.kind == "depthwise" else \
-            _axis_values(arch, rule, layer.out_layout, points, max(layer.groups if layer.kind == "grouped" else 1, 1))
+        step = layer.groups if layer.kind == "grouped" else 1  # a grouped conv's widths: multiples of its groups
+        ins = _axis_values(arch, rule, layer.in_layout, points, step)
+        outs = ins if layer.kind == "depthwise" else _axis_values(arch, rule, layer.out_layout, points, step)
         entry = {**_geometry(layer), "in_widths": ins, "out_widths": outs}
         key = repr(sorted(entry.items()))
         if key not in index:
@@ -133,9 +132,7 @@ def _case(name: str, module: nn.Module, shape, *, batch: int, runtime: str, devi
 
 def _compact_at(model: nn.Module, widths: list[int]) -> nn.Module:
     from pas.compact import compact
-    arch = model.arch
-    masks = [block_mask(f, b, w) for f, b, w in zip(arch.full_widths(), arch.blocks(), widths)]
-    return compact(model, masks).eval()
+    return compact(model, model.arch.block_masks(widths)).eval()
 
 
 def network_case(name, model, widths, *, batch, runtime, device, threads, tmp):
@@ -145,11 +142,6 @@ def network_case(name, model, widths, *, batch, runtime, device, threads, tmp):
     arch = model.arch
     return _case(name, net, (arch.in_channels, arch.resolution, arch.resolution), batch=batch, runtime=runtime,
                  device=device, threads=threads, tmp=tmp)
-
-
-def check_widths(arch: Network, rule: WidthRule, scale: float) -> list[int]:
-    """Every searched width scaled by `scale`, on its nearest allowed width."""
-    return rule.nearest(max(1, round(scale * f)) for f in arch.full_widths())
 
 
 def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxruntime", device: str = "cpu",
@@ -191,8 +183,8 @@ def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxrunti
                                        for i in range(len(entry["in_widths"]))]
                 if progress:
                     progress(f"entry {e + 1}/{len(entries)}: {entry['kind']} {len(cases)} points")
-            nets = {"full": arch.full_widths(), "low": check_widths(arch, rule, CALIBRATION_SCALE),
-                    **{f"check{s:g}": check_widths(arch, rule, s) for s in check}}
+            nets = {"full": arch.full_widths(), "low": rule.scaled(CALIBRATION_SCALE),
+                    **{f"check{s:g}": rule.scaled(s) for s in check}}
             cases = [network_case(n, model, w, batch=batch, runtime=runtime, device=device, threads=threads,
                                    tmp=tmp) for n, w in nets.items()]
             measured = {c.model: r["latency_ms"] for c, r in zip(cases, time_alternately(cases, rounds=rounds,
@@ -222,7 +214,7 @@ def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxrunti
         data["check"].append({"scale": scale, "widths": widths, "measured_ms": got, "predicted_ms": predicted,
                               "error": predicted / got - 1})
     data["seconds"] = time.perf_counter() - t0
-    return LatencyTable(data)
+    return table  # its data holds the check and the seconds too
 
 
 # -- the table and its prediction -------------------------------------------------------------------
@@ -314,8 +306,7 @@ class _Grid:
     def __init__(self, entry: dict):
         xs, ys = [float(v) for v in entry["in_widths"]], [float(v) for v in entry["out_widths"]]
         ms = entry["latency_ms"]
-        self.depthwise = entry["kind"] == "depthwise"
-        if self.depthwise:
+        if entry["kind"] == "depthwise":
             z = [[float(ms[i][i])] for i in range(len(xs))]
             ys = [0.0]
         else:

@@ -155,8 +155,9 @@ def _references(points: pd.DataFrame, backbone: str) -> pd.DataFrame:
     return points[full | scratch]
 
 
-def accuracy_panel(ax, points: pd.DataFrame, backbone: str):
-    """One backbone: a line per method across its targets, the reference networks as markers."""
+def accuracy_panel(ax, points: pd.DataFrame, backbone: str, predicted: pd.DataFrame | None = None):
+    """One backbone: a line per method across its targets, the reference networks as markers, and
+    the predicted latency of the networks in `predicted` (`predicted_points`)."""
     methods = points[(points["backbone"] == backbone) & points["method"].isin(METHOD_COLORS)]
     refs = _references(points, backbone)
     shown = pd.concat([methods, refs])
@@ -176,41 +177,40 @@ def accuracy_panel(ax, points: pd.DataFrame, backbone: str):
                            marker=MARKERS[r["method"]], label=f"{r['method']} {r['model']}", line=False, size=8)
     ax.set_ylim(*limits)
     ax.grid(alpha=0.3)
+    if predicted is not None:
+        entries += predicted_points(ax, points, predicted, backbone)
     # outside the axes, so that no entry covers a point
     ax.legend(*zip(*entries), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def predicted_panel(ax, measured: pd.DataFrame, predicted: pd.DataFrame, backbone: str) -> None:
+def predicted_points(ax, measured: pd.DataFrame, predicted: pd.DataFrame, backbone: str) -> list:
     """Networks searched to a latency budget: a hollow marker at the latency the table predicted,
-    joined to the measured point by a dotted line (same top-1)."""
+    joined to the measured point by a dotted line (same top-1). Returns the legend's entry."""
     mine = predicted[predicted["backbone"] == backbone]
     if mine.empty:
-        return
+        return []
     at = measured.set_index(["model", "method"])["x"]
     for _, p in mine.iterrows():
         if (p["model"], p["method"]) in at.index:
             ax.plot([at[(p["model"], p["method"])], p["x"]], [p["y"], p["y"]], ls=":", color="0.4", lw=1, zorder=1)
-    ax.scatter(mine["x"], mine["y"], facecolors="none", edgecolors="0.2", s=60, zorder=4,
-               label="predicted by the latency table")
-    handles, labels = ax.get_legend_handles_labels()
-    old = ax.get_legend()
-    ax.legend([*old.legend_handles, handles[-1]], [t.get_text() for t in old.get_texts()] + [labels[-1]],
-              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    label = "predicted by the latency table"
+    return [(ax.scatter(mine["x"], mine["y"], facecolors="none", edgecolors="0.2", s=60, zorder=4, label=label),
+             label)]
 
 
 def plot_accuracy_vs(rows: list[dict], xkey: str, xlabel: str, scale: float = 1.0, predicted_key: str | None = None):
     """Top-1 (mean ± std over the seeds) against `xkey` / scale, one panel per searched backbone;
-    with `predicted_key`, the rows that have it get a predicted point too (`predicted_panel`)."""
+    with `predicted_key`, the rows that have it get a predicted point too (`predicted_points`)."""
     points = over_seeds(rows, xkey)
     points["x"] = points["x"] / scale
     backbones = list(dict.fromkeys(points.loc[points["method"].isin(METHOD_COLORS), "backbone"]))
     seeds = len({r.get("seed") for r in rows})
     fig, axes = grid(max(1, len(backbones)), width=6.5, height=4.2)
     predicted = over_seeds(rows, predicted_key) if predicted_key else None
+    if predicted is not None:
+        predicted["x"] = predicted["x"] / scale
     for ax, backbone in zip(axes, backbones):
-        accuracy_panel(ax, points, backbone)
-        if predicted is not None:
-            predicted_panel(ax, points, predicted, backbone)
+        accuracy_panel(ax, points, backbone, predicted)
         ax.set(title=f"{backbone}: top-1 over {seeds} seed{'s' * (seeds > 1)} (mean ± std)", xlabel=xlabel,
                ylabel="top-1 (%)")
     return fig

@@ -91,15 +91,12 @@ def uniform_masks(model: nn.Module, target: float, *, channel_multiple: int = 1,
     rule = WidthRule(arch, channel_multiple, min_channels)
     scores = l1_scores(model)
 
-    def widths(f):
-        return rule.nearest(round(f * w) for w in rule.full)
-
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if measure(widths(mid)) <= target else (lo, mid)
+        lo, hi = (mid, hi) if measure(rule.scaled(mid)) <= target else (lo, mid)
     masks = []
-    for s, n in zip(scores, widths(lo)):
+    for s, n in zip(scores, rule.scaled(lo)):
         m = torch.zeros(s.numel(), dtype=torch.bool)
         m[torch.argsort(s, descending=True)[:n]] = True
         masks.append(m)

@@ -328,7 +328,8 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
                "wall_seconds": wall, "history": result.metrics}
     # the final (target-adjusted) widths, as the last point of each kept_NN curve
     tracker.metrics({f"kept_{i:02d}": w for i, w in enumerate(record["widths"])}, step=cfg["epochs"] + 1)
-    tracker.metrics({**landing, **{k: record[k] for k in ("target_latency_ms", "latency_table_batch") if k in record}},
+    # target_latency_ms goes with the run's other final values (_finish_training)
+    tracker.metrics({**landing, **{k: record[k] for k in ("latency_table_batch",) if k in record}},
                     step=cfg["epochs"] + 1)
     _finish_training(tracker, out_weights, model, out_metrics, metrics, state, (out_masks, out_history))
     return metrics

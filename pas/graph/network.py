@@ -68,6 +68,12 @@ class Network:
         reads or writes it; see `pas.graph.channels`). Its width is a multiple of this number."""
         return [g.blocks for g in self.groups()]
 
+    def block_masks(self, widths=None) -> list[torch.Tensor]:
+        """Per searched group, the mask keeping its first width/blocks channels of every block (this
+        network's widths unless given): the compact network of these widths (`pas.compact.compact`)."""
+        widths = self.searchable_widths() if widths is None else widths
+        return [block_mask(f, b, int(w)) for f, b, w in zip(self.full_widths(), self.blocks(), widths, strict=True)]
+
     def with_widths(self, widths: Sequence[int]) -> "Network":
         widths = tuple(int(w) for w in widths)
         full = self.full_widths()

@@ -20,7 +20,7 @@ from torch import nn
 from pas.arch import minimum_resolution
 from pas.errors import PasError
 from pas.graph.channels import channel_graph
-from pas.graph.network import Network, block_mask, searched_groups
+from pas.graph.network import Network, searched_groups
 from pas.models.mobilenetv2 import MobileNetV2, mobilenetv2_arch
 from pas.models.repvgg import RepVGG, repvgg_arch
 from pas.models.resnet import ResNet
@@ -209,9 +209,7 @@ def build_deployed(net: Network) -> nn.Module:
     from pas.compact import compact
     model = build(net.backbone, num_classes=net.num_classes, in_channels=net.in_channels,
                   resolution=net.resolution)
-    keep = [block_mask(full, blocks, w) for w, full, blocks in
-            zip(net.searchable_widths(), net.full_widths(), net.blocks())]
-    return compact(model.eval(), keep)
+    return compact(model.eval(), net.block_masks())
 
 
 def network_from_dict(d: dict) -> Network:
