@@ -43,7 +43,8 @@ def backbones():
 def models():
     """(method, model) of every row of the results table."""
     rows = [("pas", name) for name in variants()]
-    rows += [(m, name) for m in config["baselines"]["methods"] for name in variants()]
+    rows += [(m, name) for m in config["baselines"]["methods"] for name, v in variants().items()
+             if v.get("baselines", True)]
     if config["references"]["full"]:
         rows += [("full", b) for b in backbones()]
     rows += [("scratch", n) for n in config["references"]["scratch"]]
@@ -250,6 +251,7 @@ def search_flags(wildcards):
     search = {k: s[k] for k in ("alpha", "min_channels", "tolerance", "channel_multiple", "penalty_gradient",
                                 "history_every")}
     search["alpha"] = v.get("alpha", search["alpha"])
+    search["penalty_gradient"] = v.get("penalty_gradient", search["penalty_gradient"])
     return set_flags({**common_slice(v["backbone"], tags_for("pas", wildcards.model, wildcards.seed)),
                       **training_slice("search"), "search": {**search, **budget_slice(v)}})
 
