@@ -20,11 +20,11 @@ import pandas as pd
 
 from pas.errors import PasError
 from pas.io import atomic_path
-from pas.tables import as_records, read_table
+from pas.tables import SCRATCH_METHODS, as_records, read_table
 
 FIGURES = ("widths", "accuracy_latency", "accuracy_macs", "gates", "search_macs")
 FORMATS = ("png", "pdf")
-MARKERS = {"pas": "*", "uniform": "o", "bn_gamma": "s", "l1": "^", "full": "D", "scratch": "P"}
+MARKERS = {"pas": "*", "uniform": "o", "bn_gamma": "s", "l1": "^", "full": "D", "scratch": "P", "scratch_long": "X"}
 
 
 def _pyplot():
@@ -151,7 +151,7 @@ def _series(ax, pts: pd.DataFrame, limits: tuple[float, float], *, color, marker
 def _references(points: pd.DataFrame, backbone: str) -> pd.DataFrame:
     """The full backbone and the scratch members of its family."""
     full = (points["method"] == "full") & (points["model"] == backbone)
-    scratch = (points["method"] == "scratch") & (points["model"].map(family) == family(backbone))
+    scratch = points["method"].isin(SCRATCH_METHODS) & (points["model"].map(family) == family(backbone))
     return points[full | scratch]
 
 

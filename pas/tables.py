@@ -43,7 +43,11 @@ DISPLAY = {"model": "model", "method": "method", "seed": "seed", "backbone": "ba
            "macs": "MACs", "params": "params", "top1": "top-1 %", "top5": "top-5 %"}
 LEFT_ALIGNED = ("model", "method", "backbone")
 BASELINES = ("uniform", "bn_gamma", "l1")
-METHOD_ORDER = ("pas", *BASELINES, "full", "scratch")
+# Reference rows: the full backbone (fine-tuned like every pruned network), smaller family members
+# trained from scratch with the backbone's schedule, and the same for PaS's total epochs (stricter).
+SCRATCH_METHODS = ("scratch", "scratch_long")
+REFERENCE_METHODS = ("full", *SCRATCH_METHODS)
+METHOD_ORDER = ("pas", *BASELINES, *REFERENCE_METHODS)
 _LATENCY = re.compile(r"latency_ms_(?P<device>[a-z]+)_b(?P<batch>\d+)$")
 _EVAL_KEYS = ("macs", "params", "top1", "top5")
 
@@ -108,7 +112,7 @@ def eval_row(ev: dict, source: str, *, target_macs=None, search_s=None, finetune
            "backbone": ev.get("backbone", ""), "macs": ev["macs"], "macs_ptflops": ev.get("macs_ptflops"),
            "params": ev["params"], "top1": ev["top1"], "top5": ev["top5"], "latency_device": device,
            # a reference network (the full backbone, one trained from scratch) has no target
-           "target_macs": None if ev.get("method") in ("full", "scratch") else target_macs,
+           "target_macs": None if ev.get("method") in REFERENCE_METHODS else target_macs,
            "search_s": search_s, "finetune_s": finetune_s, "train_s": train_s,
            "widths": " ".join(str(w) for w in ev.get("widths", []))}
     for key, value in ev.items():

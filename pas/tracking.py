@@ -207,7 +207,7 @@ def parent_of(cfg: dict, stage: str) -> dict | None:
     """The parent run of a stage's run: one per network (tag `variant`) and seed, none for a
     backbone's pretraining (a run of its own) or a stage run outside the workflow (no variant)."""
     t = cfg["tags"]
-    if "variant" not in t or t.get("method") == "pretrain" or stage == "pretrain" and t.get("method") != "scratch":
+    if "variant" not in t or t.get("method") == "pretrain" or stage == "pretrain" and t.get("method") not in ("scratch", "scratch_long"):
         return None
     method = t.get("method", "pas")
     name = f"{t['variant']} seed{cfg['seed']}" + (" (full)" if method == "full" else "")
@@ -220,7 +220,9 @@ def parent_of(cfg: dict, stage: str) -> dict | None:
 def _parent_note(cfg: dict) -> str:
     t = cfg["tags"]
     what = {"pas": "searched by PaS", "full": "the full backbone, fine-tuned as every pruned network",
-            "scratch": "a smaller family member trained from scratch"}.get(t.get("method"), f"pruned by {t.get('method')}")
+            "scratch": "a smaller family member trained from scratch with the backbone's schedule",
+            "scratch_long": "a smaller family member trained from scratch for PaS's total epochs (pretrain + "
+                            "search + fine-tune)"}.get(t.get("method"), f"pruned by {t.get('method')}")
     target = f" to {t['target']}" if t.get("target") not in (None, "", "full") else ""
     return (f"{t['variant']} on {cfg['backbone']}, seed {cfg['seed']}: {what}{target}. Its child runs are the "
             f"stages; the evaluation metrics are repeated here.")

@@ -177,8 +177,10 @@ def test_comparisons_pair_pas_and_each_baseline_by_seed():
     rows += [row("l1@PaS-A", "l1", t, s) for s, t in enumerate((80.0, 81.0, 82.0, 50.0))]
     rows += [row("repvgg_a0_mini", "scratch", t, s, macs=1.005e6) for s, t in enumerate((88.0, 89.0, 93.0))]
     rows += [row("repvgg_a1_mini", "scratch", 99.0, 0, macs=1.02e6)]  # 2% away from the target: not compared
+    # the stricter row (the member for PaS's total epochs): 2 seeds, 94 and 96
+    rows += [row("repvgg_a0_mini-140ep", "scratch_long", t, s, macs=1.005e6) for s, t in enumerate((94.0, 96.0))]
     got = {c["against_model"]: c for c in comparison_rows(rows)}
-    assert list(got) == ["uniform@PaS-A", "bn_gamma@PaS-A", "l1@PaS-A", "repvgg_a0_mini"]
+    assert list(got) == ["uniform@PaS-A", "bn_gamma@PaS-A", "l1@PaS-A", "repvgg_a0_mini", "repvgg_a0_mini-140ep"]
     assert got["uniform@PaS-A"]["diff_mean"] == 2.0 and got["uniform@PaS-A"]["verdict"] == "within noise"
     assert (got["bn_gamma@PaS-A"]["ci_low"], got["bn_gamma@PaS-A"]["ci_high"]) == (-3.0, -3.0)
     assert got["bn_gamma@PaS-A"]["verdict"] == "behind"
@@ -189,6 +191,9 @@ def test_comparisons_pair_pas_and_each_baseline_by_seed():
     assert l1["verdict"] == "ahead"
     scratch = got["repvgg_a0_mini"]
     assert (scratch["test"], scratch["dof"], scratch["verdict"]) == ("Welch t", pytest.approx(4.0), "within noise")
+    # PaS 90, 91, 95 (mean 92, var 7) against 94, 96 (mean 95, var 2): se^2 = 7/3 + 1, dof 200/67
+    long = got["repvgg_a0_mini-140ep"]
+    assert (long["against"], long["diff_mean"], long["dof"]) == ("scratch_long", -3.0, pytest.approx(200 / 67))
     with pytest.raises(PasError, match="two rows of pas PaS-A for seed 0"):
         comparison_rows(rows + [row("PaS-A", "pas", 1.0, 0)])
 

@@ -64,7 +64,11 @@ def reliability_config() -> dict:
     cfg["baselines"] = {"methods": ["uniform"]}
     cfg["training"] = {"deterministic": True}
     cfg["search"]["epochs"] = 5
-    cfg["finetune"]["epochs"] = 4  # train_scratch: 2 + 5 + 4 = 11 epochs
+    cfg["finetune"]["epochs"] = 4
+    # pretrain and the scratch member (the backbones' schedule): 11 epochs, so that a scancel lands
+    # between two; the stricter scratch row is the same rule with more epochs, left out here
+    cfg["pretrain"]["epochs"] = 11
+    cfg["references"]["scratch_long"] = False
     # The test cluster's node has a few GB; scheduling only, no effect on any result.
     cfg["resources"] = {"train": {"mem_mb": 1000}, "light": {"mem_mb": 1000}}
     return cfg
@@ -198,7 +202,7 @@ FINETUNE = TrainingJob("finetune", "finetune", "results/seed0/models/pas/PaS-A/f
                        "results/seed0/models/pas/PaS-A/logs/finetune.log", CFG["finetune"]["epochs"])
 SCRATCH = TrainingJob("train_scratch", "pretrain", "results/seed0/models/scratch/repvgg_a0_mini/train",
                       ("weights.pt", "metrics.json"), "results/seed0/models/scratch/repvgg_a0_mini/logs/train_scratch.log",
-                      sum(CFG[s]["epochs"] for s in ("pretrain", "search", "finetune")))
+                      CFG["pretrain"]["epochs"])
 
 
 def pas_process(workdir: Path, job: TrainingJob) -> int | None:
@@ -511,7 +515,7 @@ def test_slurm_run_gives_the_local_table(local_run, slurm_run):
         assert {c: s[c] for c in TABLE_COLUMNS} == {c: loc[c] for c in TABLE_COLUMNS}
     # every training job's metrics (histories, losses, final accuracies), apart from wall times
     metrics = sorted(p.relative_to(local_run.workdir) for p in local_run.workdir.glob("results/seed0/**/metrics.json"))
-    assert len(metrics) == 1 + 1 + 2 + 1  # pretrain, search, finetune, scratch
+    assert len(metrics) == 1 + 1 + 3 + 1  # pretrain, search, finetune (PaS-A, uniform, full), scratch
     for rel in metrics:
         here, there = read_json(local_run.workdir / rel), read_json(slurm_run.workdir / rel)
         assert without_times(here) == without_times(there), rel
@@ -523,7 +527,7 @@ def test_slurm_run_gives_the_local_table(local_run, slurm_run):
     local = set(re.findall(r"^localrule (\w+):", slurm_run.output, re.M))  # (+ the failed job's log)
     assert {"all", "plots", "tables", "evidence", "tracking_ingest"} <= local and "full_masks" not in local
     # every job but all, tables, plots, evidence and tracking_ingest; and the retry
-    assert len(submitted) == 22 - 5 + 1
+    assert len(submitted) == 23 - 5 + 1
 
 
 @pytest.mark.slow
@@ -562,7 +566,7 @@ def test_cluster_jobs_write_run_records_that_one_local_rule_ingests(slurm_run):
     workdir = slurm_run.workdir
     db = workdir / "results" / "mlflow.db"
     records = sorted(workdir.glob("results/**/*run.json"))
-    assert len(records) == 2 + 1 + 1 + 2 + 4 + 4  # pretrain+scratch, search, prune, finetune, deploy, evaluate
+    assert len(records) == 2 + 1 + 1 + 3 + 4 + 4  # pretrain+scratch, search, prune, finetune, deploy, evaluate
     assert (workdir / "results" / "mlflow" / "ingested.txt").read_text().strip() == str(len(records))
     assert "Error" not in (workdir / "results" / "mlflow" / "logs" / "tracking_ingest.log").read_text()
     assert not (workdir / "results" / "mlflow" / "experiment.txt").exists()  # no tracking_init job ran
@@ -587,7 +591,7 @@ def test_cluster_jobs_write_run_records_that_one_local_rule_ingests(slurm_run):
         assert run.info.status == "FINISHED"
         assert run.data.tags["slurm_job_id"].isdigit()  # each ran as a SLURM job
         assert run.data.tags["seed"] == "0"
-    assert stages == {"pretrain": 2, "search": 1, "prune": 1, "finetune": 2, "deploy": 4, "evaluate": 4}
+    assert stages == {"pretrain": 2, "search": 1, "prune": 1, "finetune": 3, "deploy": 4, "evaluate": 4}
     for run in runs:
         if run.data.tags["stage"] == "evaluate":
             tags = run.data.tags
@@ -809,7 +813,7 @@ def test_free_form_config_strings_reach_commands_as_single_arguments(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     commands = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()
                 if line.startswith("Shell command: pas ")]
-    assert len(commands) == 22  # every job but `all` (check_data included: the data is a folder)
+    assert len(commands) == 23  # every job but `all` (check_data included: the data is a folder)
     seen = set()
     for command in commands:
         argv = shlex.split(command)

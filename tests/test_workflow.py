@@ -36,6 +36,8 @@ DEFAULT = ROOT / "config" / "config.yaml"  # `configfile:` is relative to the wo
 TINY_SHAPE = dict(num_classes=10, in_channels=1, resolution=28)  # animal-mnist
 STAGES = ("pretrain", "search", "prune", "finetune", "deploy", "evaluate")
 PLOTS = ("widths", "accuracy_latency", "accuracy_macs", "gates", "search_macs")
+SCRATCH = ("scratch", "scratch_long")  # trained from scratch: the backbones' schedule, PaS's total epochs
+REFERENCES = ("full", *SCRATCH)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed")]
 
@@ -57,6 +59,9 @@ def expected_rows(cfg: dict) -> set[tuple[str, str]]:
     rows |= {(m, f"{m}@{v['name']}") for m in cfg["baselines"]["methods"] for v in cfg["variants"]}
     rows |= {("full", b) for b in dict.fromkeys(v["backbone"] for v in cfg["variants"])}
     rows |= {("scratch", n) for n in cfg["references"]["scratch"]}
+    if cfg["references"].get("scratch_long", True):
+        epochs = sum(cfg[s]["epochs"] for s in ("pretrain", "search", "finetune"))
+        rows |= {("scratch_long", f"{n}-{epochs}ep") for n in cfg["references"]["scratch"]}
     return rows
 
 
@@ -121,7 +126,7 @@ def test_table_has_one_row_per_method_and_network(tiny_run, table):
 def test_targets_match_the_config_and_achieved_macs_are_within_one_percent(table):
     cfg = tiny_config()
     targets = {v["name"]: (v["backbone"], v["target"]) for v in cfg["variants"]}
-    pruned = [r for r in table if r["method"] not in ("full", "scratch")]
+    pruned = [r for r in table if r["method"] not in REFERENCES]
     assert len(pruned) == len(targets) * (1 + len(cfg["baselines"]["methods"]))
     for r in pruned:
         backbone, target = targets[r["model"].split("@")[-1]]
@@ -139,8 +144,8 @@ def test_targets_match_the_config_and_achieved_macs_are_within_one_percent(table
 
 def test_reference_rows_are_the_full_networks(table):
     for r in table:
-        if r["method"] in ("full", "scratch"):
-            arch = pas.models.arch_for(r["model"], **TINY_SHAPE)
+        if r["method"] in REFERENCES:
+            arch = pas.models.arch_for(r["backbone"], **TINY_SHAPE)
             plain = pas.models.build_deployed(arch)  # counted by ptflops and by the module itself
             assert int(float(r["macs"])) == int(float(r["macs_ptflops"])) == ptflops_macs(plain, 1, 28)
             assert int(float(r["params"])) == sum(p.numel() for p in plain.parameters())
@@ -159,7 +164,9 @@ def test_accuracy_and_wall_times_are_in_range_and_latency_is_the_latency_jobs(ti
         top1, top5 = float(r["top1"]), float(r["top5"])
         assert 0.0 <= top1 <= top5 <= 100.0
         assert r["latency_device"] == "cpu"
-        name = f"seed{r['seed'] or 0}/{r['method']}/{r['model'].split('@')[-1]}"
+        # the workflow's model: a variant (a baseline's row names it after the @), a reference's network
+        model = r["backbone"] if r["method"] in REFERENCES else r["model"].split("@")[-1]
+        name = f"seed{r['seed'] or 0}/{r['method']}/{model}"
         for b in (1, 64):
             assert float(r[f"latency_ms_b{b}"]) == pytest.approx(by_name[(name, "pytorch", b)]["latency_ms"])
             assert float(r[f"ort_latency_ms_b{b}"]) == pytest.approx(by_name[(name, "onnxruntime", b)]["latency_ms"])
@@ -215,9 +222,10 @@ def test_every_rule_logged_and_benchmarked(tiny_run):
     for log in tiny_run.glob("results/**/logs/*.log"):
         assert "Traceback" not in log.read_text(), log
     benchmarks = list(tiny_run.glob("results/**/logs/*.benchmark.tsv"))
-    # every job but `all`: tracking_init 1, pretrain 2, train_scratch 1, search 2, prune 6, full_masks 3,
-    # finetune 8, reparameterize 11, evaluate 11, latency 1, tables 1, plots 1, evidence 1
-    assert len(benchmarks) == 49
+    # every job but `all`: tracking_init 1, pretrain 2, train_scratch 2 (scratch, scratch_long), search 2,
+    # prune 6, full_masks 4, finetune 10 (8 pruned, 2 full), reparameterize 12, evaluate 12, latency 1,
+    # tables 1, plots 1, evidence 1
+    assert len(benchmarks) == 55
     for b in benchmarks:
         header, row = b.read_text().splitlines()[:2]
         assert header.split("\t")[0] == "s" and float(row.split("\t")[0]) >= 0
@@ -240,8 +248,8 @@ def test_mlflow_has_one_run_per_stage_and_network(tiny_run):
     rows = expected_rows(cfg)
     n_variants, n_methods = len(cfg["variants"]), len(cfg["baselines"]["methods"])
     assert {s: len(v) for s, v in by_stage.items()} == {
-        "pretrain": 2 + len(cfg["references"]["scratch"]), "search": n_variants,
-        "prune": n_variants * n_methods, "finetune": n_variants * (1 + n_methods),
+        "pretrain": 2 + 2 * len(cfg["references"]["scratch"]), "search": n_variants,
+        "prune": n_variants * n_methods, "finetune": n_variants * (1 + n_methods) + 2,  # + the 2 full rows
         "deploy": len(rows), "evaluate": len(rows)}
     assert all(run.info.status == "FINISHED" for run in runs)
     for run in by_stage["evaluate"]:
@@ -279,7 +287,7 @@ def test_mlflow_nests_each_networks_stages_under_one_parent_run(tiny_run):
         parent = parents[tags["mlflow.parentRunId"]]
         assert (parent.data.tags["variant"], parent.data.tags["method"]) == (tags["variant"], tags["method"])
         assert run.info.run_name == f"{tags['variant']} seed0/{tags['stage']}"
-        if tags["method"] != "scratch":  # everything else starts, through its stages, from a pretraining
+        if tags["method"] not in SCRATCH:  # everything else starts, through its stages, from a pretraining
             assert tags["pretrain_run_id"] == pretrained[tags["backbone"]], run.info.run_name
         if tags["stage"] == "evaluate":
             assert parent.data.metrics["top1"] == run.data.metrics["top1"]
@@ -438,9 +446,27 @@ def test_default_dag(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(DEFAULT))
     assert result.returncode == 0, result.stderr
     assert job_counts(result.stdout) == {
-        "tracking_init": 1, "pretrain": 2, "search": 6, "prune": 18, "finetune": 24, "full_masks": 4,
-        "train_scratch": 2, "reparameterize": 28, "evaluate": 28, "latency": 1, "tables": 1, "plots": 1,
+        "tracking_init": 1, "pretrain": 2, "search": 6, "prune": 18, "finetune": 26, "full_masks": 6,
+        "train_scratch": 4, "reparameterize": 30, "evaluate": 30, "latency": 1, "tables": 1, "plots": 1,
         "evidence": 1, "all": 1}
+
+
+def test_penalty_config_searches_each_variant_with_both_gradients_and_one_baseline(tmp_path):
+    """config/penalty.yaml: every default variant twice (penalty_gradient both and, as NAME-output,
+    output), the uniform baseline only for the `both` ones (baselines: false), three seeds."""
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(DEFAULT), str(ROOT / "config" / "penalty.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    shells = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+    searches = [line for line in shells if line.startswith("pas search")]
+    assert len(searches) == 12 * 3
+    for line in searches:
+        (variant,) = re.findall(r"variant: ([\w.-]+)\}", line)
+        expected = "output" if variant.endswith("-output") else "both"
+        assert f"--set search.penalty_gradient={expected} " in line, line
+    prunes = re.findall(r"variant: (uniform@[\w.-]+)\}", "\n".join(l for l in shells if l.startswith("pas prune")))
+    assert sorted(set(prunes)) == sorted(f"uniform@{n}" for n in
+                                         ("PaS-A", "PaS-B", "PaS-C", "PaS-light-A", "PaS-light-B", "PaS-light-C"))
+    assert len(prunes) == 6 * 3
 
 
 def test_latency_config_measures_one_table_per_backbone_before_its_latency_searches(tmp_path):
@@ -450,7 +476,9 @@ def test_latency_config_measures_one_table_per_backbone_before_its_latency_searc
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
     assert counts["latency_table"] == 2 and counts["search"] == 4 and counts["prune"] == 12
-    shells = [line for line in result.stdout.splitlines() if line.startswith(("pas search", "pas prune"))]
+    shells = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+    shells = [line for line in shells if line.startswith(("pas search", "pas prune"))]
+    assert len(shells) == counts["search"] + counts["prune"] + counts["full_masks"]  # full_masks: pas prune too
     reads = {"repvgg": "--set search.latency_table=results/latency_tables/repvgg_b0_mini.json",
              "mobilenet": "--set search.latency_table=results/latency_tables/mobilenetv2_mini_035.json"}
     for line in shells:
@@ -466,7 +494,8 @@ def test_paper_config_dry_run_needs_no_data(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "config" / "paper.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
-    assert counts["search"] == 7 and counts["finetune"] == 28 and counts["train_scratch"] == 5
+    # 28 pruned networks and the 3 full backbones fine-tuned; no scratch_long rows (paper.yaml turns them off)
+    assert counts["search"] == 7 and counts["finetune"] == 31 and counts["train_scratch"] == 5
     assert "--set dataset.name=imagenet" in result.stdout and "--nproc-per-node 8" in result.stdout
     assert "--import /path/to/RepVGG-B1-train.pth" in result.stdout
     # the ResNet-50 rows: searched to 2.0 G with the snapshot's ResNet alpha, torchvision's weights

@@ -1,8 +1,8 @@
 # Baselines and reference rows. Each baseline prunes the SAME pretrained network to the SAME target as
 # a PaS variant (uniform width, BN-gamma or L1 magnitude), then goes through the same finetune ->
 # reparameterize -> evaluate rules (train.smk) with the same fine-tune budget. Reference rows: the full
-# backbones as pretrained (deployed with all-ones masks, not fine-tuned further) and smaller family
-# members trained from scratch for the PaS pipeline's whole epoch budget.
+# backbones with all-ones masks, fine-tuned like every pruned network, and smaller family members
+# trained from scratch with the backbones' schedule (scratch) and for PaS's total epochs (scratch_long).
 
 
 rule prune:
@@ -41,7 +41,7 @@ rule full_masks:
     benchmark:
         "results/seed{seed}/models/{method}/{model}/logs/full_masks.benchmark.tsv"
     wildcard_constraints:
-        method="full|scratch",
+        method=alternatives(REFERENCE_METHODS),
     params:
         stage=full_masks_flags,
     threads: 1
@@ -54,17 +54,20 @@ rule full_masks:
 
 
 rule train_scratch:
-    """A smaller family member from scratch, for pretrain + search + finetune epochs in all."""
+    """A smaller family member from scratch: the backbones' schedule (scratch) or PaS's total epochs
+    (scratch_long)."""
     input:
         data_check=data_check,
         tracking=tracking_marker,
     output:
-        weights="results/seed{seed}/models/scratch/{model}/train/weights.pt",
-        metrics="results/seed{seed}/models/scratch/{model}/train/metrics.json",
+        weights="results/seed{seed}/models/{method}/{model}/train/weights.pt",
+        metrics="results/seed{seed}/models/{method}/{model}/train/metrics.json",
     log:
-        "results/seed{seed}/models/scratch/{model}/logs/train_scratch.log",
+        "results/seed{seed}/models/{method}/{model}/logs/train_scratch.log",
     benchmark:
-        "results/seed{seed}/models/scratch/{model}/logs/train_scratch.benchmark.tsv"
+        "results/seed{seed}/models/{method}/{model}/logs/train_scratch.benchmark.tsv"
+    wildcard_constraints:
+        method=alternatives(SCRATCH_METHODS),
     params:
         stage=scratch_flags,
     threads: TRAIN_THREADS

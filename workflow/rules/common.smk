@@ -48,11 +48,17 @@ def models():
     if config["references"]["full"]:
         rows += [("full", b) for b in backbones()]
     rows += [("scratch", n) for n in config["references"]["scratch"]]
+    if config["references"]["scratch_long"]:
+        rows += [("scratch_long", n) for n in config["references"]["scratch"]]
     return rows
 
 
+SCRATCH_METHODS = ("scratch", "scratch_long")
+REFERENCE_METHODS = ("full", *SCRATCH_METHODS)
+
+
 def model_backbone(method, model):
-    return model if method in ("full", "scratch") else variants()[model]["backbone"]
+    return model if method in REFERENCE_METHODS else variants()[model]["backbone"]
 
 
 def seed_dir(seed):
@@ -111,9 +117,12 @@ def search_weights(wildcards):
 
 
 def finetune_start(wildcards):
-    """PaS fine-tunes the searched weights; the baselines start from the pretrained network."""
+    """PaS fine-tunes the searched weights; the baselines and the full row start from the pretrained
+    network."""
     if wildcards.method == "pas":
         return f"{model_dir('pas', wildcards.model, wildcards.seed)}/search/weights.pt"
+    if wildcards.method == "full":
+        return f"{pretrain_dir(wildcards.model, wildcards.seed)}/weights.pt"
     return search_weights(wildcards)
 
 
@@ -122,11 +131,10 @@ def model_masks(wildcards):
 
 
 def deploy_weights(wildcards):
-    """Fine-tuned weights; the full backbone as pretrained; a scratch member as trained."""
-    if wildcards.method == "full":
-        return f"{pretrain_dir(wildcards.model, wildcards.seed)}/weights.pt"
+    """Fine-tuned weights (the full backbone too: the same fine-tune epochs as every pruned network,
+    so that extra epochs are not mistaken for the effect of pruning); a scratch member as trained."""
     d = model_dir(wildcards.method, wildcards.model, wildcards.seed)
-    return f"{d}/train/weights.pt" if wildcards.method == "scratch" else f"{d}/finetune/weights.pt"
+    return f"{d}/train/weights.pt" if wildcards.method in SCRATCH_METHODS else f"{d}/finetune/weights.pt"
 
 
 # -- stage config slices as --set flags --------------------------------------------------------
@@ -178,11 +186,13 @@ def check_data_flags(wildcards=None):
 
 def tags_for(method, model, seed):
     """MLflow tags of every run of one row; `variant` names the row (and the MLflow run)."""
-    reference = method in ("full", "scratch")
+    reference = method in REFERENCE_METHODS
     name = model if method == "pas" or reference else f"{method}@{model}"
+    if method == "scratch_long":
+        name = f"{model}-{scratch_epochs(method)}ep"  # its own row and MLflow run next to the standard one
     if method == "full":
         target = "full"
-    elif method == "scratch":
+    elif method in SCRATCH_METHODS:
         target = scratch_target(model)
     else:
         target = str(variants()[model]["target"])
@@ -217,11 +227,19 @@ def pretrain_flags(wildcards):
     return set_flags({**common_slice(b, tags), **training_slice("pretrain")})
 
 
+def scratch_epochs(method):
+    """scratch: the backbone's schedule (the paper's reference members); scratch_long: PaS's total
+    epochs (pretrain + search + fine-tune), the stricter reference."""
+    if method == "scratch":
+        return config["pretrain"]["epochs"]
+    return sum(config[s]["epochs"] for s in ("pretrain", "search", "finetune"))
+
+
 def scratch_flags(wildcards):
-    """A smaller family member trained from scratch with the PaS pipeline's whole epoch budget."""
-    epochs = sum(config[s]["epochs"] for s in ("pretrain", "search", "finetune"))
-    return set_flags({**common_slice(wildcards.model, tags_for("scratch", wildcards.model, wildcards.seed)),
-                      **training_slice("pretrain", epochs)})
+    """A smaller family member trained from scratch with the pretrain optimiser (scratch_epochs)."""
+    m = wildcards.method
+    return set_flags({**common_slice(wildcards.model, tags_for(m, wildcards.model, wildcards.seed)),
+                      **training_slice("pretrain", scratch_epochs(m))})
 
 
 def pretrain_import(wildcards):
@@ -406,7 +424,8 @@ def table_rows(wildcards=None):
             files = {"eval": f"{d}/eval.json", "latency": LATENCY_JSON}
             if method == "full":
                 files["train"] = f"{pretrain_dir(model, seed)}/metrics.json"
-            elif method == "scratch":
+                files["finetune"] = f"{d}/finetune/metrics.json"
+            elif method in SCRATCH_METHODS:
                 files["train"] = f"{d}/train/metrics.json"
             else:
                 files["masks"] = masks_path(method, model, seed)
@@ -472,7 +491,7 @@ def evidence_runs(wildcards=None):
     runs = []
     for seed in seeds():
         for method, model in models():
-            if method in ("full", "scratch"):
+            if method in REFERENCE_METHODS:
                 continue
             run = {"method": method, "model": model, "seed": str(seed), "masks": masks_path(method, model, seed)}
             if method == "pas":

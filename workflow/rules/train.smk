@@ -1,6 +1,7 @@
 # The PaS chain: tracking_init -> pretrain(backbone) -> search(variant) -> finetune -> reparameterize
 # -> evaluate. finetune, reparameterize and evaluate also serve the baselines and reference rows
-# ({method} = pas, uniform, bn_gamma, l1, full, scratch), so every row goes through the same code.
+# ({method} = pas, uniform, bn_gamma, l1, full, scratch, scratch_long), so every row goes through the
+# same code.
 
 
 rule tracking_init:
@@ -79,7 +80,8 @@ rule search:
 
 
 rule finetune:
-    """Gates frozen at the masks (PaS or a baseline's), CE only, the same budget for every method."""
+    """Gates frozen at the masks (PaS's, a baseline's, the full row's all-ones), CE only, the same budget
+    for every method."""
     input:
         tracking=tracking_marker,
         weights=finetune_start,
@@ -92,7 +94,7 @@ rule finetune:
     benchmark:
         "results/seed{seed}/models/{method}/{model}/logs/finetune.benchmark.tsv"
     wildcard_constraints:
-        method=alternatives(["pas", *BASELINE_METHODS]),
+        method=alternatives(["pas", *BASELINE_METHODS, "full"]),
     params:
         stage=finetune_flags,
     threads: TRAIN_THREADS
@@ -122,7 +124,7 @@ rule reparameterize:
     benchmark:
         "results/seed{seed}/models/{method}/{model}/logs/reparameterize.benchmark.tsv"
     wildcard_constraints:
-        method=alternatives(["pas", *BASELINE_METHODS, "full", "scratch"]),
+        method=alternatives(["pas", *BASELINE_METHODS, *REFERENCE_METHODS]),
     params:
         stage=deploy_flags,
     threads: LIGHT_THREADS
@@ -148,7 +150,7 @@ rule evaluate:
     benchmark:
         "results/seed{seed}/models/{method}/{model}/logs/evaluate.benchmark.tsv"
     wildcard_constraints:
-        method=alternatives(["pas", *BASELINE_METHODS, "full", "scratch"]),
+        method=alternatives(["pas", *BASELINE_METHODS, *REFERENCE_METHODS]),
     params:
         stage=evaluate_flags,
     threads: EVAL_THREADS
