@@ -546,7 +546,7 @@ def test_slurm_cancelled_job_is_resubmitted_and_resumes(local_run, slurm_run):
     assert k is not None and k >= seen >= cancel["after_epoch"] >= 1, log
     assert epochs_logged(log, SCRATCH.stage) == list(range(k + 1, SCRATCH.epochs + 1)), log
     # the cancelled attempt's SLURM log stays (the retry's is deleted once it succeeded)
-    slurm_log = slurm_run.workdir / "results" / "slurm-logs" / "rule_train_scratch" / "0_repvgg_a0_mini" / f"{job_id}.log"
+    slurm_log = slurm_run.workdir / "results" / "slurm-logs" / "rule_train_scratch" / "0_scratch_repvgg_a0_mini" / f"{job_id}.log"
     assert f"JOB {job_id} ON" in slurm_log.read_text() and "CANCELLED" in slurm_log.read_text()
     # and the result is bit-exact the local run's, where it was not interrupted
     for name in ("weights.pt",):
