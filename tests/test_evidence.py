@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pandas as pd
 import pytest
 
 import pas.models
@@ -281,3 +282,26 @@ def test_claim_2_says_how_far_the_landing_moved_each_search():
         " The landing after the search moved 6.0% of the full MACs on average (at most 10.0%, PaS-B seed 1); "
         "more than 5% in 1 of 2 searches, which had not reached their target on their own.")
     assert landing_sentence([]) == ""
+
+
+def test_penalty_gradient_comparison_pairs_each_variant_with_its_output_partner(tmp_path, capsys):
+    """benchmarks/penalty_gradient.py on a table of config/penalty.yaml's shape: output minus both
+    paired by seed, each against uniform, the landing's moved share; hand-computed intervals."""
+    from benchmarks.penalty_gradient import main
+    rows = []
+    # both 90, 91, 95; output 91, 93, 95 (differences 1, 2, 0); uniform 89, 90, 92
+    for s, (both, output, uniform) in enumerate([(90, 91, 89), (91, 93, 90), (95, 95, 92)]):
+        rows += [{"model": "PaS-A", "method": "pas", "seed": s, "top1": both, "landing_moved_share": 0.01},
+                 {"model": "PaS-A-output", "method": "pas", "seed": s, "top1": output, "landing_moved_share": 0.03},
+                 {"model": "uniform@PaS-A", "method": "uniform", "seed": s, "top1": uniform}]
+    path = tmp_path / "main.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    table = main([str(path)])
+    (row,) = table.to_dict("records")
+    # mean 1, std 1, t(0.975, 2) = 4.303: 1 -+ 4.303 / sqrt(3) = [-1.48, +3.48]
+    assert row["output − both (95%)"] == "+1.00 [-1.48, +3.48] within noise"
+    # both - uniform: 1, 1, 3 (mean 5/3, std 1.155): [-1.20, +4.54]; output - uniform: 2, 3, 3: [+1.23, +4.10]
+    assert row["both − uniform"] == "+1.67 [-1.20, +4.54] within noise"
+    assert row["output − uniform"] == "+2.67 [+1.23, +4.10] ahead"
+    assert row["landing moved % (both / output)"] == "1.0 / 3.0"
+    assert "All targets pooled (3 pairs): output − both +1.00 [-1.48, +3.48] within noise" in capsys.readouterr().out
