@@ -7,7 +7,7 @@ difference output - both with its 95% Student t interval and verdict, each one's
 uniform baseline at that target, and the share of the full MACs the landing after the search moved
 (how far the search got on its own). The last line pools every target's pairs.
 
-    snakemake --cores all --configfile config/config.yaml config/penalty.yaml
+    snakemake --cores all --configfile config/penalty.yaml
     python -m benchmarks.penalty_gradient results/tables/main.csv
 """
 from __future__ import annotations
@@ -27,11 +27,12 @@ def by_seed(frame: pd.DataFrame, method: str, model: str) -> pd.Series:
     return rows.set_index("seed")["top1"]
 
 
-def interval(diffs: list[float]) -> tuple[dict, str]:
+def interval(diffs: list[float]) -> str:
+    """'mean [low, high] verdict' of the paired differences (95% Student t)."""
     stats = paired_interval(diffs)
     low, high = stats["ci_low"], stats["ci_high"]
     text = f"{stats['diff_mean']:+.2f}" + ("" if low is None else f" [{low:+.2f}, {high:+.2f}]")
-    return stats, f"{text} {interval_verdict(low, high)}"
+    return f"{text} {interval_verdict(low, high)}"
 
 
 def compare(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[float]]:
@@ -51,9 +52,9 @@ def compare(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[float]]:
         vs_uniform = []
         for mine in (both, output):
             common = mine.index.intersection(uniform.index)
-            vs_uniform.append(interval((mine[common] - uniform[common]).tolist())[1] if len(common) else "")
+            vs_uniform.append(interval((mine[common] - uniform[common]).tolist()) if len(common) else "")
         cells.append([name, str(len(seeds)), f"{both[seeds].mean():.2f}", f"{output[seeds].mean():.2f}",
-                      interval(diffs)[1], vs_uniform[0], vs_uniform[1],
+                      interval(diffs), vs_uniform[0], vs_uniform[1],
                       f"{100 * moved[name]:.1f} / {100 * moved[f'{name}{SUFFIX}']:.1f}"])
     table = pd.DataFrame(cells, columns=["variant", "seeds", "both top-1", "output top-1", "output − both (95%)",
                                          "both − uniform", "output − uniform", "landing moved % (both / output)"])
@@ -64,10 +65,9 @@ def main(argv=None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", help="the run's results/tables/main.csv")
     args = p.parse_args(argv)
-    frame = pd.DataFrame(read_table(args.table))
-    table, pooled = compare(frame)
+    table, pooled = compare(read_table(args.table))
     print(markdown_text(table, "lrrrllll"))
-    print(f"\nAll targets pooled ({len(pooled)} pairs): output − both {interval(pooled)[1]}")
+    print(f"\nAll targets pooled ({len(pooled)} pairs): output − both {interval(pooled)}")
     return table
 
 

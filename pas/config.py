@@ -14,6 +14,14 @@ import yaml
 
 from pas.errors import PasError
 
+# The methods of a results table's rows (the `method` tag): PaS, the baselines pruned to a variant's
+# target, and the reference rows: the full backbone (fine-tuned like every pruned network), smaller
+# family members trained from scratch with the backbones' schedule, and the same for PaS's total
+# epochs (stricter).
+BASELINES = ("uniform", "bn_gamma", "l1")
+SCRATCH_METHODS = ("scratch", "scratch_long")
+REFERENCE_METHODS = ("full", *SCRATCH_METHODS)
+
 # key: (type or tuple of types, default, description). Nested dicts are sections.
 SCHEMA: dict = {
     "backbone": (str, "repvgg_b1_mini", "registered network name (pas info NAME)"),

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from pas.config import BASELINES, SCRATCH_METHODS
 from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
 from pas.plots import SCRATCH_MATCH, plot_accuracy_macs, save_figure, scratch_for, search_progress
-from pas.tables import (BASELINES, METHOD_ORDER, SCRATCH_METHODS, as_records, csv_text, latex_text, markdown_text,
-                        parse_spec, read_table)
+from pas.tables import METHOD_ORDER, as_records, csv_text, latex_text, markdown_text, parse_spec, read_table
 
 RUN_KEYS = ("method", "model", "seed", "masks", "history")
 SETTLE_FRACTION = 0.01  # of the final kept channels: "settled" = within this L1 distance from now on

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pas.config import SCRATCH_METHODS
 from pas.errors import PasError
 from pas.io import atomic_path
-from pas.tables import SCRATCH_METHODS, as_records, read_table
+from pas.tables import as_records, read_table
 
 FIGURES = ("widths", "accuracy_latency", "accuracy_macs", "gates", "search_macs")
 FORMATS = ("png", "pdf")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pas.config import BASELINES, REFERENCE_METHODS
 from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
 
@@ -42,11 +43,6 @@ COUNT_COLUMNS = ("seed", "target_macs", "latency_table_batch", "macs", "macs_ptf
 DISPLAY = {"model": "model", "method": "method", "seed": "seed", "backbone": "backbone", "target_macs": "target MACs",
            "macs": "MACs", "params": "params", "top1": "top-1 %", "top5": "top-5 %"}
 LEFT_ALIGNED = ("model", "method", "backbone")
-BASELINES = ("uniform", "bn_gamma", "l1")
-# Reference rows: the full backbone (fine-tuned like every pruned network), smaller family members
-# trained from scratch with the backbone's schedule, and the same for PaS's total epochs (stricter).
-SCRATCH_METHODS = ("scratch", "scratch_long")
-REFERENCE_METHODS = ("full", *SCRATCH_METHODS)
 METHOD_ORDER = ("pas", *BASELINES, *REFERENCE_METHODS)
 _LATENCY = re.compile(r"latency_ms_(?P<device>[a-z]+)_b(?P<batch>\d+)$")
 _EVAL_KEYS = ("macs", "params", "top1", "top5")

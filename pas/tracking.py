@@ -22,7 +22,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from pas.config import flatten
+from pas.config import SCRATCH_METHODS, flatten
 from pas.errors import PasError
 
 
@@ -207,7 +207,8 @@ def parent_of(cfg: dict, stage: str) -> dict | None:
     """The parent run of a stage's run: one per network (tag `variant`) and seed, none for a
     backbone's pretraining (a run of its own) or a stage run outside the workflow (no variant)."""
     t = cfg["tags"]
-    if "variant" not in t or t.get("method") == "pretrain" or stage == "pretrain" and t.get("method") not in ("scratch", "scratch_long"):
+    if ("variant" not in t or t.get("method") == "pretrain"
+            or stage == "pretrain" and t.get("method") not in SCRATCH_METHODS):
         return None
     method = t.get("method", "pas")
     name = f"{t['variant']} seed{cfg['seed']}" + (" (full)" if method == "full" else "")

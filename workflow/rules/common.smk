@@ -13,12 +13,13 @@ from pathlib import Path
 
 import yaml
 
+# the methods of the table's rows, as pas names them
+from pas.config import BASELINES as BASELINE_METHODS, REFERENCE_METHODS, SCRATCH_METHODS
 
 RESULTS = "results"
 # The report of `pas check-data` (rule check_data), for image-folder datasets only.
 DATA_CHECK = f"{RESULTS}/data/check.json"
 IMAGE_FOLDER_DATASETS = ("imagenet", "folder")
-BASELINE_METHODS = ("uniform", "bn_gamma", "l1")
 # Software of every shell rule with --use-conda; pip installs pas from PAS_SOURCE (see the env file).
 PAS_ENV = "../envs/pas.yaml"
 os.environ.setdefault("PAS_SOURCE", str(Path(workflow.basedir).resolve()))
@@ -51,10 +52,6 @@ def models():
     if config["references"]["scratch_long"]:
         rows += [("scratch_long", n) for n in config["references"]["scratch"]]
     return rows
-
-
-SCRATCH_METHODS = ("scratch", "scratch_long")
-REFERENCE_METHODS = ("full", *SCRATCH_METHODS)
 
 
 def model_backbone(method, model):
