@@ -4,7 +4,9 @@ Generates an ImageNet-like folder of JPEGs (sizes around 500x375, quality 90, ~8
 temporary folder and measures, on this machine:
 
 * ``pas check-data``'s per-file check against PIL's ``verify()`` alone and a full decode, in one
-  process (images per CPU second), alternately in rounds;
+  process (images per CPU second), alternately in rounds; and the whole check
+  (``check_image_folder``) with 1 and each of ``--workers`` threads, alternately in rounds (images
+  per wall second, and the speed-up over 1 thread: PIL decodes with the GIL released);
 * the training input pipeline of ``dataset.name: imagenet`` (``pas.data.load_data``'s own train
   transform at 224: ImageFolder decode, RandomResizedCrop, flip, ToTensor, Normalize) through a
   ``torch.utils.data.DataLoader`` with 1 and 2 worker processes (persistent, the first epoch not
@@ -78,6 +80,20 @@ def check_rates(files: list[str], repeats: int) -> dict[str, float]:
     return {k: len(files) / statistics.median(v) for k, v in times.items()}
 
 
+def check_scaling(root: Path, workers: list[int], repeats: int) -> dict[int, float]:
+    """Images per wall second of the whole folder check with each thread count, alternately in rounds."""
+    from pas.datacheck import check_image_folder
+    counts = sorted({1, *workers})
+    times = {w: [] for w in counts}
+    n = 0
+    for r in range(repeats):
+        for w in (counts if r % 2 == 0 else list(reversed(counts))):
+            report = check_image_folder(root, workers=w, progress=False)
+            n = sum(s["files"] for s in report["splits"].values())
+            times[w].append(report["seconds"])
+    return {w: n / statistics.median(v) for w, v in times.items()}
+
+
 def cpu_rate(dataset, repeats: int) -> tuple[float, float]:
     """Images/s of the pipeline in this process: per wall second and per CPU second of this process
     (the second does not fall when other programs share the cores: what one dedicated core gives)."""
@@ -130,6 +146,7 @@ def main(argv=None) -> dict:
         kb = make_folder(root, a.images)
         files = sorted(str(f) for f in (root / "train").rglob("*.JPEG"))
         checks = check_rates(files, a.repeats)
+        scaling = check_scaling(root, a.workers, a.repeats)
         train, _, info = load_data("imagenet", root=str(root), augment=True)
         wall0, cpu0 = cpu_rate(train, max(1, a.repeats // 2))
         rates = loader_rates(train, a.workers, a.batch, a.repeats)
@@ -138,6 +155,9 @@ def main(argv=None) -> dict:
     base = checks["full decode (what training does)"]
     for name, rate in checks.items():
         print(f"  {name:<42} {rate:7.0f} img per CPU second ({rate / base:.1f}x a full decode)")
+    print("the whole folder check (pas check-data), threads:")
+    for w, rate in scaling.items():
+        print(f"  {w} thread{'s' if w > 1 else ' '}  {rate:7.0f} img/s  ({rate / scaling[1]:.2f}x 1 thread)")
     print(f"imagenet train pipeline at {info.resolution} (decode, RandomResizedCrop, flip, ToTensor, Normalize), "
           f"batch {a.batch}:")
     print(f"  in this process  {wall0:7.0f} img/s per wall second, {cpu0:.0f} per CPU second (one core's worth)")
@@ -150,7 +170,7 @@ def main(argv=None) -> dict:
           f"{a.gpu_rate / per_worker:.1f} -> {need} workers at {per_worker:.0f} img/s each (one core each); "
           f"a {a.gpus}-GPU job {need * a.gpus} workers (+ {a.gpus} training processes)")
     return {"benchmark": "data loader", "per_worker": per_worker, "in_process_wall": wall0, "workers_per_gpu": need, "checks": checks,
-            "rates": rates}
+            "check_threads": scaling, "rates": rates}
 
 
 if __name__ == "__main__":
