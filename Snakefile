@@ -2,7 +2,7 @@
 # reparameterize -> evaluate for every PaS variant, the baselines at the same targets, reference
 # networks, then the results table, figures and report. All work is done by the `pas` command.
 #
-#   snakemake --cores all                                  # embedded default (animal-mnist, ~30 min on 2 cores)
+#   snakemake --cores all                                  # embedded default (animal-mnist, ~27 min on 2 cores)
 #   snakemake --cores all --configfile config/evidence.yaml  # the same over 3 seeds: mean and spread
 #   snakemake --configfile config/test.yaml --cores 2      # tiny, for CI
 #   snakemake --profile profiles/slurm --configfile config/paper.yaml
