@@ -305,3 +305,24 @@ def test_penalty_gradient_comparison_pairs_each_variant_with_its_output_partner(
     assert row["output − uniform"] == "+2.67 [+1.23, +4.10] ahead"
     assert row["landing moved % (both / output)"] == "1.0 / 3.0"
     assert "All targets pooled (3 pairs): output − both +1.00 [-1.48, +3.48] within noise" in capsys.readouterr().out
+
+
+def test_rounding_cost_pairs_each_variant_with_its_x8_partner(tmp_path, capsys):
+    """benchmarks/rounding_cost.py on a table of config/aligned.yaml's shape: x8 minus x1 paired by
+    seed, the MACs each landed on; hand-computed interval."""
+    from benchmarks.rounding_cost import main
+    rows = []
+    # x1 94, 93, 95; x8 92, 93, 92 (differences -2, 0, -3); MACs 515K and 510K / 512K / 508K
+    for s, (x1, x8, macs8) in enumerate([(94, 92, 510_000), (93, 93, 512_000), (95, 92, 508_000)]):
+        rows += [{"model": "PaS-A", "method": "pas", "seed": s, "top1": x1, "macs": 515_000, "landing_moved_share": 0.02},
+                 {"model": "PaS-A-x8", "method": "pas", "seed": s, "top1": x8, "macs": macs8, "landing_moved_share": 0.06},
+                 {"model": "uniform@PaS-A", "method": "uniform", "seed": s, "top1": 93}]
+    path = tmp_path / "main.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    (row,) = main([str(path)]).to_dict("records")
+    assert row["MACs (x1 / x8)"] == "515.0K / 510.0K"
+    # mean -5/3, std 1.528, t(0.975, 2) = 4.303: -1.67 -+ 3.79 = [-5.46, +2.13]
+    assert row["x8 − x1 (95%)"] == "-1.67 [-5.46, +2.13] within noise"
+    assert row["x1 top-1"] == "94.00" and row["x8 top-1"] == "92.33"
+    assert row["landing moved % (x1 / x8)"] == "2.0 / 6.0"
+    assert "All targets pooled (3 pairs): x8 − x1 -1.67 [-5.46, +2.13] within noise" in capsys.readouterr().out

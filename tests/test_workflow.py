@@ -469,6 +469,35 @@ def test_penalty_config_searches_each_variant_with_both_gradients_and_one_baseli
     assert len(prunes) == 6 * 3
 
 
+def test_aligned_config_searches_each_variant_at_its_own_channel_multiple(tmp_path):
+    """config/aligned.yaml: every default variant twice (channel_multiple 1 and, as NAME-x8, 8 with a
+    2% tolerance), three seeds; a variant's own channel_multiple and tolerance reach its baselines."""
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(DEFAULT), str(ROOT / "config" / "aligned.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    shells = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+    searches = [line for line in shells if line.startswith("pas search")]
+    assert len(searches) == 12 * 3
+    for line in searches:
+        (variant,) = re.findall(r"variant: ([\w.-]+)\}", line)
+        multiple, tolerance = ("8", "0.02") if variant.endswith("-x8") else ("1", "0.01")
+        assert f"--set search.channel_multiple={multiple} " in line and f"--set search.tolerance={tolerance} " in line
+    prunes = re.findall(r"variant: (uniform@[\w.-]+)\}", "\n".join(l for l in shells if l.startswith("pas prune")))
+    assert len(prunes) == 6 * 3 and not any(p.endswith("-x8") for p in prunes)
+
+    own = tmp_path / "own.yaml"
+    own.write_text("baselines: {methods: [uniform, l1]}\nreferences: {scratch: []}\n"
+                   "variants: [{name: A8, backbone: repvgg_b0_mini, target: 516544, channel_multiple: 8, "
+                   "tolerance: 0.03}]\n")
+    (tmp_path / "own").mkdir()
+    result = snakemake(tmp_path / "own", "-n", "-p", "--configfile", str(DEFAULT), str(own))
+    assert result.returncode == 0, result.stdout + result.stderr
+    shells = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+    pruned = [line for line in shells if line.startswith("pas prune") and "@A8" in line]
+    assert len(pruned) == 2, pruned  # uniform and l1
+    for line in pruned + [line for line in shells if line.startswith("pas search")]:
+        assert "--set search.channel_multiple=8 " in line and "--set search.tolerance=0.03 " in line, line
+
+
 def test_latency_config_measures_one_table_per_backbone_before_its_latency_searches(tmp_path):
     """config/latency.yaml: a latency_table job per backbone with a latency variant; those variants'
     search and prune jobs read it, the MACs variants do not."""

@@ -90,7 +90,8 @@ def check_config(cfg):
                     config_error(f"{key}.target", f"{v['name']}: a latency target needs the dataset's image shape "
                                                   f"to measure the latency table; expected dataset.resize")
             elif arch is not None:
-                resolve_target(v["target"], arch, cfg["search"]["min_channels"], cfg["search"]["channel_multiple"])
+                resolve_target(v["target"], arch, cfg["search"]["min_channels"],
+                               v.get("channel_multiple", cfg["search"]["channel_multiple"]))
         except PasError as e:
             config_error(f"{key}.target", f"{v['name']} on {v['backbone']}: {e}")
     scratch = cfg["references"]["scratch"]

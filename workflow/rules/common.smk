@@ -261,18 +261,27 @@ def budget_slice(v):
     return {"target": v["target"], "latency_table": latency_table_path(v["backbone"])}
 
 
+# search settings a variant may set for itself (its search; the last two for its baselines too)
+VARIANT_SEARCH_KEYS = ("alpha", "penalty_gradient", "channel_multiple", "tolerance")
+
+
+def variant_search(v):
+    """config["search"] with the variant's own settings (VARIANT_SEARCH_KEYS) in place."""
+    return {**config["search"], **{k: v[k] for k in VARIANT_SEARCH_KEYS if k in v}}
+
+
 def search_flags(wildcards):
-    v, s = variants()[wildcards.model], config["search"]
+    v = variants()[wildcards.model]
+    s = variant_search(v)
     search = {k: s[k] for k in ("alpha", "min_channels", "tolerance", "channel_multiple", "penalty_gradient",
                                 "history_every")}
-    search["alpha"] = v.get("alpha", search["alpha"])
-    search["penalty_gradient"] = v.get("penalty_gradient", search["penalty_gradient"])
     return set_flags({**common_slice(v["backbone"], tags_for("pas", wildcards.model, wildcards.seed)),
                       **training_slice("search"), "search": {**search, **budget_slice(v)}})
 
 
 def prune_flags(wildcards):
-    v, s = variants()[wildcards.model], config["search"]
+    v = variants()[wildcards.model]
+    s = variant_search(v)
     return set_flags({**common_slice(v["backbone"], tags_for(wildcards.method, wildcards.model, wildcards.seed)),
                       "search": {"method": wildcards.method, **budget_slice(v),
                                  "min_channels": s["min_channels"], "tolerance": s["tolerance"],
