@@ -17,8 +17,12 @@ from pas.plots import (largest_batch, make_plots, outlier_fences, over_seeds, pl
 def test_outliers_are_beyond_tukeys_far_out_fences():
     # sorted 30, 90, 91, 92, 93: q1 = 90, q3 = 92, IQR 2: fences 90 - 6 and 92 + 6
     assert outlier_fences([93.0, 30.0, 91.0, 90.0, 92.0]) == (84.0, 98.0)
-    # a tight cluster: the IQR is floored at half a point, so 90 +- 1.5
-    assert outlier_fences([90.0, 90.0, 90.0, 90.0, 80.0]) == (88.5, 91.5)
+    # a tight cluster: the IQR 0 is floored at 2 points, so 90 -+ 6
+    assert outlier_fences([90.0, 90.0, 90.0, 90.0, 80.0]) == (84.0, 96.0)
+    # the evidence run's RepVGG panel (means): q1 93.675, q3 94.325, IQR 0.65 floored at 2; the
+    # baselines' PaS-A means (90.7-91.5) stay on the axis (with a floor of 0.5 the lower fence was 91.725)
+    panel = [93.3, 94.0, 94.3, 90.7, 94.1, 94.4, 91.5, 94.0, 94.1, 90.9, 93.8, 94.3, 94.8, 93.9, 94.8, 94.7]
+    assert outlier_fences(panel) == (pytest.approx(87.675), pytest.approx(100.325))
     assert outlier_fences([30.0, 90.0, 91.0]) == (-math.inf, math.inf)  # too few for quartiles
 
 
