@@ -79,3 +79,17 @@ def partner_comparison(frame, suffix: str, labels: tuple[str, str], study: str):
                                          f"{theirs} − {mine} (95%)", f"{mine} − uniform", f"{theirs} − uniform",
                                          f"landing moved % ({mine} / {theirs})"])
     return table, pooled
+
+
+def partner_main(argv, doc: str, compare, labels: tuple[str, str], align: str):
+    """The command line of a partner study: read the table, print ``compare``'s table and the pooled line."""
+    import argparse
+
+    from pas.tables import markdown_text, read_table
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", help="the run's results/tables/main.csv")
+    args = p.parse_args(argv)
+    table, pooled = compare(read_table(args.table))
+    print(markdown_text(table, align))
+    print(f"\nAll targets pooled ({len(pooled)} pairs): {labels[1]} − {labels[0]} {interval(pooled)}")
+    return table

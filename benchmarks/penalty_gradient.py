@@ -12,12 +12,9 @@ uniform baseline at that target, and the share of the full MACs the landing afte
 """
 from __future__ import annotations
 
-import argparse
-
 import pandas as pd
 
-from benchmarks.common import interval, partner_comparison
-from pas.tables import markdown_text, read_table
+from benchmarks.common import partner_comparison, partner_main
 
 SUFFIX = "-output"
 LABELS = ("both", "output")
@@ -28,13 +25,7 @@ def compare(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[float]]:
 
 
 def main(argv=None) -> pd.DataFrame:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", help="the run's results/tables/main.csv")
-    args = p.parse_args(argv)
-    table, pooled = compare(read_table(args.table))
-    print(markdown_text(table, "lrrrllll"))
-    print(f"\nAll targets pooled ({len(pooled)} pairs): output − both {interval(pooled)}")
-    return table
+    return partner_main(argv, __doc__, compare, LABELS, "lrrrllll")
 
 
 if __name__ == "__main__":

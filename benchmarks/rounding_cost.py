@@ -13,12 +13,9 @@ of the same widths is `python -m benchmarks.pruning_efficiency --masks NAME=.../
 """
 from __future__ import annotations
 
-import argparse
-
 import pandas as pd
 
-from benchmarks.common import interval, partner_comparison
-from pas.tables import markdown_text, read_table
+from benchmarks.common import partner_comparison, partner_main
 
 SUFFIX = "-x8"
 LABELS = ("x1", "x8")
@@ -33,13 +30,7 @@ def compare(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[float]]:
 
 
 def main(argv=None) -> pd.DataFrame:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", help="the run's results/tables/main.csv")
-    args = p.parse_args(argv)
-    table, pooled = compare(read_table(args.table))
-    print(markdown_text(table, "lrlrrllll"))
-    print(f"\nAll targets pooled ({len(pooled)} pairs): x8 − x1 {interval(pooled)}")
-    return table
+    return partner_main(argv, __doc__, compare, LABELS, "lrlrrllll")
 
 
 if __name__ == "__main__":

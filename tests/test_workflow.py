@@ -49,6 +49,11 @@ def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.Com
     return run_in_own_group(cmd, timeout=timeout, env=env, cwd=workdir)
 
 
+def shell_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The lines of a `snakemake -n -p` run, each job's command without Snakemake's prefix."""
+    return [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+
+
 def tiny_config() -> dict:
     return yaml.safe_load(TINY.read_text())
 
@@ -456,7 +461,7 @@ def test_penalty_config_searches_each_variant_with_both_gradients_and_one_baseli
     output), the uniform baseline only for the `both` ones (baselines: false), three seeds."""
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(DEFAULT), str(ROOT / "config" / "penalty.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    shells = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+    shells = shell_lines(result)
     searches = [line for line in shells if line.startswith("pas search")]
     assert len(searches) == 12 * 3
     for line in searches:
@@ -474,7 +479,7 @@ def test_aligned_config_searches_each_variant_at_its_own_channel_multiple(tmp_pa
     2% tolerance), three seeds; a variant's own channel_multiple and tolerance reach its baselines."""
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(DEFAULT), str(ROOT / "config" / "aligned.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    shells = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+    shells = shell_lines(result)
     searches = [line for line in shells if line.startswith("pas search")]
     assert len(searches) == 12 * 3
     for line in searches:
@@ -491,7 +496,7 @@ def test_aligned_config_searches_each_variant_at_its_own_channel_multiple(tmp_pa
     (tmp_path / "own").mkdir()
     result = snakemake(tmp_path / "own", "-n", "-p", "--configfile", str(DEFAULT), str(own))
     assert result.returncode == 0, result.stdout + result.stderr
-    shells = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+    shells = shell_lines(result)
     pruned = [line for line in shells if line.startswith("pas prune") and "@A8" in line]
     assert len(pruned) == 2, pruned  # uniform and l1
     for line in pruned + [line for line in shells if line.startswith("pas search")]:
@@ -505,7 +510,7 @@ def test_latency_config_measures_one_table_per_backbone_before_its_latency_searc
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
     assert counts["latency_table"] == 2 and counts["search"] == 4 and counts["prune"] == 12
-    shells = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+    shells = shell_lines(result)
     shells = [line for line in shells if line.startswith(("pas search", "pas prune"))]
     assert len(shells) == counts["search"] + counts["prune"] + counts["full_masks"]  # full_masks: pas prune too
     reads = {"repvgg": "--set search.latency_table=results/latency_tables/repvgg_b0_mini.json",
