@@ -3,8 +3,9 @@
 One routine for every network. The fused network is traced again (`pas.graph.channels`); its
 prunable groups correspond one to one, in graph order, to those of the training form. Every conv,
 linear and norm layer then keeps the rows of its kept output channels and the columns of its kept
-input channels. This is exact because a gate zeroes a masked channel wherever it is produced (after
-the BN that follows a conv, after a fused block): what a masked channel contributes downstream is 0.
+input channels (a transposed conv's weight is (C_in, C_out, k, k): there rows are inputs). This is
+exact because a gate zeroes a masked channel wherever it is produced (after the BN that follows a
+conv, after a fused block): what a masked channel contributes downstream is 0.
 
 A grouped conv (g groups) stays one with g groups: its weight is (C_out, C_in/g, k, k) and output row
 o reads the columns of its own input block o // (C_out/g). It needs every input block to keep the
@@ -23,7 +24,7 @@ from pas.errors import PasError
 from pas.gates import _device_of, detach_gates, has_gates, masks, network_of
 from pas.graph.channels import ChannelGraph, Layer, channel_graph
 from pas.graph.network import Network
-from pas.reparam import fold_bn, fused_conv, reparameterize
+from pas.reparam import fold_bn, fused_conv, out_dim_of, reparameterize
 
 
 def compact(model: nn.Module, mask_list: list[torch.Tensor] | None = None) -> nn.Module:
@@ -77,7 +78,7 @@ def fold_batchnorms(model: nn.Module, graph: ChannelGraph) -> None:
         conv, bn = model.get_submodule(layer.module), model.get_submodule(layer.bn)
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             continue
-        weight, bias = fold_bn(conv.weight, conv.bias, bn)
+        weight, bias = fold_bn(conv.weight, conv.bias, bn, out_dim=out_dim_of(conv))
         _replace(model, layer.module, fused_conv(conv, weight, bias))
         _replace(model, layer.bn, nn.Identity())
 
@@ -118,6 +119,13 @@ def _shrunk(old: nn.Module, layer: Layer, keep_in: torch.Tensor, keep_out: torch
         return new
     if layer.kind == "grouped":
         return _shrunk_grouped(old, layer, keep_in, keep_out)
+    if layer.kind == "transposed":  # weight (C_in, C_out, kh, kw): rows are inputs, columns outputs
+        new = nn.ConvTranspose2d(int(keep_in.sum()), int(keep_out.sum()), old.kernel_size, old.stride, old.padding,
+                                 old.output_padding, bias=old.bias is not None, dilation=old.dilation)
+        new.weight.copy_(old.weight[keep_in][:, keep_out])
+        if old.bias is not None:
+            new.bias.copy_(old.bias[keep_out])
+        return new
     depthwise = layer.kind == "depthwise"
     c_in, c_out = int(keep_in.sum()), int(keep_out.sum())
     new = nn.Conv2d(c_in, c_out, old.kernel_size, old.stride, old.padding, old.dilation,

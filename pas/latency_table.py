@@ -1,12 +1,13 @@
 """Latency tables: the measured latency of every searchable layer over a grid of its widths, and the
 latency of the network at any widths predicted from them, differentiable through the widths.
 
-What is timed. Every conv (dense, grouped or depth-wise) and linear layer of the traced network as
-deployed: the layer with its bias (a BN folded in) and the activation after it (`Layer.act`), on an
-input of its own side, at the table's batch size, with the table's runtime (PyTorch or ONNX Runtime),
-device and thread count. Layers of equal geometry (kind, kernel, stride, padding, dilation, sides,
-groups, activation, width ranges) share one set of measurements: a RepVGG stage's repeated layers
-are measured once. The points of one layer are timed alternately (`pas.latency.time_alternately`).
+What is timed. Every conv (dense, grouped, depth-wise or transposed) and linear layer of the traced
+network as deployed: the layer with its bias (a BN folded in) and the activation after it
+(`Layer.act`), on an input of its own side, at the table's batch size, with the table's runtime
+(PyTorch or ONNX Runtime), device and thread count. Layers of equal geometry (kind, kernel, stride,
+padding, dilation, output padding, sides, groups, activation, width ranges) share one set of
+measurements: a RepVGG stage's repeated layers are measured once. The points of one layer are timed
+alternately (`pas.latency.time_alternately`).
 
 The grid. A layer's input width ranges over the widths the layers it reads may keep (their allowed
 widths under `channel_multiple`, `pas.landing.WidthRule`), from the narrowest to the full width, and
@@ -44,7 +45,7 @@ from pas.graph.network import Network
 from pas.landing import WidthRule
 
 TABLE_FORMAT = "pas-latency-table/1"
-TIMED_KINDS = ("conv", "grouped", "depthwise", "linear")
+TIMED_KINDS = ("conv", "grouped", "depthwise", "transposed", "linear")
 DEFAULT_POINTS = 6
 DEFAULT_CHECK = (0.25, 0.5, 0.75)
 CALIBRATION_SCALE = 0.125
@@ -71,9 +72,9 @@ def _axis_values(arch: Network, rule: WidthRule, layout, points: int, step: int)
 def _geometry(layer: Layer) -> dict:
     return {"kind": layer.kind, "kernel": list(layer.kernel), "stride": list(layer.stride),
             "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
-            "dilation": list(layer.dilation), "groups": layer.groups, "in_hw": list(layer.in_hw),
-            "out_hw": list(layer.out_hw), "factor": layer.factor, "act": layer.act,
-            "bias": bool(layer.bias or layer.bn)}
+            "dilation": list(layer.dilation), "output_padding": list(layer.output_padding),
+            "groups": layer.groups, "in_hw": list(layer.in_hw), "out_hw": list(layer.out_hw),
+            "factor": layer.factor, "act": layer.act, "bias": bool(layer.bias or layer.bn)}
 
 
 def timed_layers(arch: Network) -> list[Layer]:
@@ -104,6 +105,11 @@ def layer_module(entry: dict, c_in: int, c_out: int) -> tuple[nn.Module, tuple[i
     if entry["kind"] == "linear":
         layer = nn.Linear(c_in * entry["factor"], c_out, bias=entry["bias"])
         shape = (c_in * entry["factor"],)
+    elif entry["kind"] == "transposed":
+        layer = nn.ConvTranspose2d(c_in, c_out, tuple(entry["kernel"]), tuple(entry["stride"]),
+                                   tuple(entry["padding"]), tuple(entry["output_padding"]), entry["groups"],
+                                   bias=entry["bias"], dilation=tuple(entry["dilation"]))
+        shape = (c_in, *entry["in_hw"])
     else:
         groups = c_in if entry["kind"] == "depthwise" else entry["groups"]
         padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])

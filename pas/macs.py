@@ -1,7 +1,8 @@
 """The one MACs formula of the project.
 
-Convention: multiply-accumulates of convolutions and the fully connected classifier only; BN, ReLU,
-bias and pooling are not counted. A RepVGG "FLOPs" figure is this number (B1: 11.81 G at 224x224).
+Convention: multiply-accumulates of convolutions (plain and transposed) and the fully connected
+classifier only; BN, ReLU, bias and pooling are not counted. A RepVGG "FLOPs" figure is this number
+(B1: 11.81 G at 224x224).
 
 Every function takes widths that may be Python ints or 0-d tensors, so the same formula gives the
 integer count for reports and ptflops cross-checks and a differentiable count for the search loss.
@@ -26,6 +27,13 @@ def conv_macs(c_in, c_out, kernel, h_out: int, w_out: int, groups: int = 1):
         return macs
     # Integer widths give an exact integer (C_in and C_out are multiples of groups).
     return macs // groups if isinstance(macs, int) else macs / groups
+
+
+def transposed_conv_macs(c_in, c_out, kernel, h_in: int, w_in: int):
+    """Transposed convolution (groups 1): C_in * C_out * k^2 * H_in * W_in. Every input pixel scatters a
+    k x k patch into every output channel, so the count follows the input's side, not the output's
+    (ptflops' aten backend counts the same)."""
+    return c_in * c_out * (_taps(kernel) * h_in * w_in)
 
 
 def depthwise_macs(channels, kernel, h_out: int, w_out: int):

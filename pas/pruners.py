@@ -12,7 +12,7 @@ from torch import nn
 
 from pas.errors import PasError
 from pas.gates import network_of
-from pas.reparam import fold_bn
+from pas.reparam import fold_bn, out_dim_of
 from pas.landing import DEFAULT_TOLERANCE, Landing, WidthRule, land
 
 
@@ -43,7 +43,8 @@ def bn_gamma_scores(model: nn.Module) -> list[torch.Tensor]:
 
 def filter_l1(model: nn.Module) -> list[torch.Tensor]:
     """Per channel of every searched group: the L1 norm of the output channel's fused kernel (BN
-    and branches folded in), summed over the group's producers."""
+    and branches folded in), summed over the group's producers. A transposed conv's kernel of output
+    channel o is its weight[:, o]."""
     scores = []
     for producers in _producers(model):
         total = 0
@@ -51,10 +52,10 @@ def filter_l1(model: nn.Module) -> list[torch.Tensor]:
             if callable(getattr(producer, "fuse", None)):
                 weight = producer.fuse().conv.weight  # BN folded with running statistics, any mode
             elif isinstance(site, nn.modules.batchnorm._BatchNorm) and site is not producer:
-                weight = fold_bn(producer.weight, None, site)[0]
+                weight = fold_bn(producer.weight, None, site, out_dim=out_dim_of(producer))[0]
             else:
                 weight = producer.weight
-            total = total + weight.detach().abs().flatten(1).sum(1)
+            total = total + weight.detach().abs().transpose(0, out_dim_of(producer)).flatten(1).sum(1)
         scores.append(total.cpu())
     return scores
 

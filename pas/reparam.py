@@ -12,11 +12,21 @@ from torch import nn
 
 
 @torch.no_grad()
-def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
-    """Fold eval-mode BN into the preceding conv: W' = W*gamma/sigma, b' = beta + (b - mu)*gamma/sigma."""
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d, *, out_dim: int = 0):
+    """Fold eval-mode BN into the preceding conv: W' = W*gamma/sigma, b' = beta + (b - mu)*gamma/sigma.
+
+    `out_dim`: the weight's output-channel dimension, 0 for a conv (C_out, C_in/g, k, k), 1 for a
+    transposed conv (C_in, C_out, k, k) (`out_dim_of`)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     b = bias if bias is not None else torch.zeros_like(bn.running_mean)
-    return weight * scale.reshape(-1, 1, 1, 1), bn.bias + (b - bn.running_mean) * scale
+    shape = [1] * weight.dim()
+    shape[out_dim] = -1
+    return weight * scale.reshape(shape), bn.bias + (b - bn.running_mean) * scale
+
+
+def out_dim_of(conv: nn.Module) -> int:
+    """The output-channel dimension of a conv's weight: 1 for a transposed conv, 0 otherwise."""
+    return 1 if isinstance(conv, nn.ConvTranspose2d) else 0
 
 
 def pad_to(kernel: torch.Tensor, size: int) -> torch.Tensor:
@@ -34,13 +44,18 @@ def identity_kernel(channels: int, groups: int, size: int, like: torch.Tensor) -
     return kernel
 
 
-def fused_conv(source: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    """A conv with `source`'s geometry (stride, padding, dilation, groups) and the given fused weight
-    and bias; a kernel larger than the source's (1x1 -> 3x3) is centred with 'same' padding."""
+def fused_conv(source: nn.Conv2d | nn.ConvTranspose2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A conv with `source`'s geometry (stride, padding, dilation, groups; a transposed source gives a
+    transposed conv, with its output padding) and the given fused weight and bias; a kernel larger than
+    the source's (1x1 -> 3x3) is centred with 'same' padding."""
     kernel = tuple(weight.shape[-2:])
-    padding = source.padding if kernel == tuple(source.kernel_size) else (kernel[0] // 2, kernel[1] // 2)
-    conv = nn.Conv2d(source.in_channels, source.out_channels, kernel, source.stride, padding,
-                     dilation=source.dilation, groups=source.groups, bias=True, padding_mode=source.padding_mode)
+    if isinstance(source, nn.ConvTranspose2d):
+        conv = nn.ConvTranspose2d(source.in_channels, source.out_channels, kernel, source.stride, source.padding,
+                                  source.output_padding, source.groups, bias=True, dilation=source.dilation)
+    else:
+        padding = source.padding if kernel == tuple(source.kernel_size) else (kernel[0] // 2, kernel[1] // 2)
+        conv = nn.Conv2d(source.in_channels, source.out_channels, kernel, source.stride, padding,
+                         dilation=source.dilation, groups=source.groups, bias=True, padding_mode=source.padding_mode)
     conv = conv.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(weight)

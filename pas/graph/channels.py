@@ -1,11 +1,16 @@
 """Channel groups of any traceable CNN: which channels must be kept or removed together.
 
-torch.fx traces the network (on the meta device: no arithmetic). Every dense conv or linear layer
-opens a channel *space* for its output; ops that combine tensors element-wise (add, mul) tie the
-spaces of their inputs together; depth-wise convs, BN, activations, pooling and dropout pass their
-input's channels through; `torch.cat` along channels concatenates. A *group* is a set of tied
-spaces (union-find): the residual trunk of a ResNet stage is one group, every layer of a fused
-RepVGG is its own.
+torch.fx traces the network (on the meta device: no arithmetic). Every dense conv, transposed conv
+or linear layer opens a channel *space* for its output; ops that combine tensors element-wise (add,
+mul) tie the spaces of their inputs together; depth-wise convs, BN, instance norm, activations,
+pooling, padding and dropout pass their input's channels through; `torch.cat` along channels
+concatenates. A *group* is a set of tied spaces (union-find): the residual trunk of a ResNet stage is
+one group, every layer of a fused RepVGG is its own.
+
+A transposed conv (a decoder's upsampling, e.g. CycleGAN's generator) is a dense layer like a conv,
+its gate after the norm that follows it; only its weight is laid out (C_in, C_out, k, k), so output
+channel o is column o (compaction, the BN fold and the l1 baseline read it so). Grouped transposed
+convs are refused.
 
 A grouped conv (groups g, not depth-wise) reads its input in g equal contiguous blocks and writes its
 output in g: output block i sees input block i only. It can lose channels and stay a grouped conv with
@@ -86,7 +91,7 @@ class Layer:
     of a linear layer after a flatten (H*W).
     """
     module: str
-    kind: str  # "conv", "depthwise", "grouped", "linear", "norm"
+    kind: str  # "conv", "depthwise", "grouped", "transposed", "linear", "norm"
     in_layout: tuple[int, ...]
     out_layout: tuple[int, ...]
     kernel: tuple[int, int] = (1, 1)
@@ -98,11 +103,13 @@ class Layer:
     out_channels: int = 0
     bn: str | None = None  # conv: the BN right after it, which deployment folds into it
     folded: bool = False  # norm: folded into the conv before it when deployed
-    # conv geometry, as the latency table rebuilds the layer: input side, stride, padding, dilation
+    # conv geometry, as the latency table rebuilds the layer: input side, stride, padding, dilation,
+    # and a transposed conv's extra output rows and columns (its output side is not set by the rest)
     in_hw: tuple[int, int] = (1, 1)
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] | str = (0, 0)
     dilation: tuple[int, int] = (1, 1)
+    output_padding: tuple[int, int] = (0, 0)
     act: str | None = None  # the torch.nn activation class applied right after it (its BN), if any
 
 
@@ -285,7 +292,7 @@ class _Analysis:
         if callable(getattr(module, "fuse", None)):
             conv, act = _fused_view(module)
             self.conv(node, name, conv, args, site=name, act=act)
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             self.conv(node, name, module, args, site=self.site_after(node, name))
         elif isinstance(module, nn.Linear):
             self.linear(node, name, module, args)
@@ -294,10 +301,11 @@ class _Analysis:
             self.layout[node] = lay
             before = self.layer_of.get(args[0])
             folded = before is not None and before.bn == name
-            if getattr(module, "weight", None) is not None or getattr(module, "running_mean", None) is not None:
-                self.layers.append(Layer(name, "norm", lay, lay, in_channels=module.num_features,
-                                         out_channels=module.num_features, folded=folded,
-                                         bias=getattr(module, "weight", None) is not None))
+            # every norm, with parameters or not: compaction gives each its kept channel count
+            # (an instance norm without affine parameters warns on any other count)
+            self.layers.append(Layer(name, "norm", lay, lay, in_channels=module.num_features,
+                                     out_channels=module.num_features, folded=folded,
+                                     bias=getattr(module, "weight", None) is not None))
             if not folded:  # a norm on a sum or a concatenation (DenseNet's pre-activation) turns a
                 self.sites.setdefault(name, lay)  # masked zero into its shift: mask after it too
         elif isinstance(module, nn.GroupNorm):
@@ -344,19 +352,25 @@ class _Analysis:
             return _ACTIVATION_FUNCTIONS.get(user.target)
         return _ACTIVATION_METHODS.get(user.target) if user.op == "call_method" else None
 
-    def conv(self, node, name, conv: nn.Conv2d, args, site: str, act: str | None = None) -> None:
+    def conv(self, node, name, conv: nn.Conv2d | nn.ConvTranspose2d, args, site: str,
+             act: str | None = None) -> None:
         lay = self.layout[args[0]]
         c_in, c_out, g = conv.in_channels, conv.out_channels, conv.groups
+        transposed = isinstance(conv, nn.ConvTranspose2d)
+        if transposed and g > 1:
+            raise PasError(f"module {name} (ConvTranspose2d with groups={g}): grouped transposed convs are not "
+                           f"supported; expected groups=1")
         shape, in_shape = self.shape(node), self.shape(args[0])
         hw = (shape[2], shape[3])
         padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         common = dict(kernel=tuple(conv.kernel_size), out_hw=hw, groups=g, bias=conv.bias is not None,
                       in_channels=c_in, out_channels=c_out, in_hw=(in_shape[2], in_shape[3]),
                       stride=tuple(conv.stride), padding=padding, dilation=tuple(conv.dilation),
+                      output_padding=tuple(conv.output_padding),
                       act=act if act is not None else self.activation_after(node, site))
         if g == 1:
             out = (self.new_space(c_out, name, hw[1]),)
-            kind = "conv"
+            kind = "transposed" if transposed else "conv"
         elif g == c_in == c_out:
             out, kind = lay, "depthwise"
         else:

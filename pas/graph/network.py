@@ -15,7 +15,7 @@ import torch
 
 from pas.errors import PasError
 from pas.graph.channels import ChannelGraph, Group
-from pas.macs import conv_macs, depthwise_macs, fc_macs
+from pas.macs import conv_macs, depthwise_macs, fc_macs, transposed_conv_macs
 
 NETWORK_FORMAT = "pas-network/1"
 
@@ -103,7 +103,8 @@ class Network:
         return kept
 
     def macs(self, widths=None, *, input_grad: bool = True):
-        """Deploy MACs (conv + linear, no bias) with these kept counts (ints or tensors) per searched group.
+        """Deploy MACs (convs, transposed convs and linear layers, no bias) with these kept counts (ints or
+        tensors) per searched group.
 
         A layer's cost is C_in * C_out * ...: with tensor widths, `input_grad=False` detaches its input
         width C_in, so that a group's gradient comes only from the layers whose output it is (the
@@ -116,6 +117,9 @@ class Network:
             if layer.kind in ("conv", "grouped"):
                 total = total + conv_macs(inputs(layer.in_layout), kept(layer.out_layout), layer.kernel, h, w,
                                           layer.groups)
+            elif layer.kind == "transposed":
+                total = total + transposed_conv_macs(inputs(layer.in_layout), kept(layer.out_layout), layer.kernel,
+                                                     *layer.in_hw)
             elif layer.kind == "depthwise":
                 total = total + depthwise_macs(kept(layer.out_layout), layer.kernel, h, w)
             elif layer.kind == "linear":
@@ -129,7 +133,7 @@ class Network:
         for layer in self.graph.layers:
             out = kept(layer.out_layout)
             taps = layer.kernel[0] * layer.kernel[1]
-            if layer.kind in ("conv", "grouped"):
+            if layer.kind in ("conv", "grouped", "transposed"):  # a transposed conv has groups 1
                 total += kept(layer.in_layout) // layer.groups * out * taps
             elif layer.kind == "depthwise":
                 total += out * taps
