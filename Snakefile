@@ -4,6 +4,7 @@
 #
 #   snakemake --cores all                                  # embedded default (animal-mnist, ~27 min on 2 cores)
 #   snakemake --cores all --configfile config/evidence.yaml  # the same over 3 seeds: mean and spread
+#   snakemake --cores all --configfile config/translation.yaml  # PaS on a CycleGAN generator
 #   snakemake --configfile config/test.yaml --cores 2      # tiny, for CI
 #   snakemake --profile profiles/slurm --configfile config/paper.yaml
 #   snakemake --report results/report.html                 # after a run
@@ -44,6 +45,7 @@ localrules:
     plots,
     evidence,
     tracking_ingest,
+    translation_samples,
 
 
 onstart:
@@ -56,4 +58,5 @@ rule all:
         rules.plots.output,
         rules.evidence.output,
         rules.tracking_ingest.output if tracking_is_ingest() else [],
+        rules.translation_samples.output if is_translation() else [],
     default_target: True

@@ -23,7 +23,10 @@ SCRATCH_METHODS = ("scratch", "scratch_long")
 REFERENCE_METHODS = ("full", *SCRATCH_METHODS)
 
 # key: (type or tuple of types, default, description). Nested dicts are sections.
+TASKS = ("classification", "translation")
+
 SCHEMA: dict = {
+    "task": (str, "classification", "classification | translation (a CycleGAN generator: pas.translation)"),
     "backbone": (str, "repvgg_b1_mini", "registered network name (pas info NAME)"),
     "seed": (int, 0, "seed of initialisation, data order and augmentation"),
     "epochs": (int, 10, "epochs of this stage"),
@@ -76,6 +79,13 @@ SCHEMA: dict = {
         "warmup": (int, 5, "untimed warm-up runs"),
         "threads": (int, 1, "CPU threads for latency"),
     },
+    "translation": {
+        "lambda_cycle": (float, 10.0, "weight of the cycle-consistency L1 (CycleGAN's)"),
+        "lambda_identity": (float, 0.5, "weight of the identity L1, relative to lambda_cycle (CycleGAN's)"),
+        "classifier": ((str, type(None)), None, "weights of a classifier trained on the silhouettes (pas pretrain): "
+                                                "evaluate reports its top-1 on the translations"),
+        "classifier_backbone": ((str, type(None)), None, "the classifier's registered network name"),
+    },
     "tracking": {
         "enabled": (bool, True, "log to MLflow (plain files are always written)"),
         "uri": (str, "sqlite:///results/mlflow.db", "MLflow tracking URI"),
@@ -90,7 +100,7 @@ def defaults(schema: dict = SCHEMA) -> dict:
     return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v[1]) for k, v in schema.items()}
 
 
-_CHOICES = {"search.penalty_gradient": ("both", "output")}
+_CHOICES = {"search.penalty_gradient": ("both", "output"), "task": TASKS}
 _FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 

@@ -114,8 +114,8 @@ class Trainer:
         # left by a killed run of another config is not resumed
         self.fingerprint = fingerprint
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        # DBC gates live under `pas_gates` (pas.gates.GATES_ATTR)
-        is_gate = [n.split(".")[0] == "pas_gates" for n, _ in named]
+        # DBC gates live under `pas_gates` (pas.gates.GATES_ATTR), also inside a container of networks
+        is_gate = ["pas_gates" in n.split(".") for n, _ in named]
         groups = [{"params": [p for (n, p), g in zip(named, is_gate) if not g], "lr_scale": 1.0},
                   {"params": [p for (n, p), g in zip(named, is_gate) if g], "lr_scale": optim.gate_lr_scale}]
         self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=optim.lr,
@@ -144,7 +144,7 @@ class Trainer:
                           f"input; starting over", file=sys.stderr, flush=True)
                 return False
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.load_optimizer_state(state["optimizer"])
             if state.get("scaler"):  # AMP's loss scale, as it had adapted (empty when AMP was off)
                 self.scaler.load_state_dict(state["scaler"])
             start, history, metrics = int(state["epoch"]), list(state["history"]), list(state["metrics"])
@@ -159,10 +159,20 @@ class Trainer:
                   file=sys.stderr, flush=True)
         return True
 
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def validate(self) -> dict:
+        """The metrics of one pass over the validation data (after every epoch)."""
+        return evaluate(self.model, self.val_loader, self.world.device)
+
     def save_state(self, epoch: int) -> None:
         if self.state_path and self.world.main:
             atomic_torch_save({"epoch": epoch, "fingerprint": self.fingerprint, "model": self.model.state_dict(),
-                               "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                               "optimizer": self.optimizer_state(), "scaler": self.scaler.state_dict(),
                                "history": self.history,
                                "metrics": self.metrics}, self.state_path)
 
@@ -174,7 +184,7 @@ class Trainer:
             t0 = time.perf_counter()
             row = {"epoch": epoch + 1, **self._train_epoch(epoch)}
             if self.val_loader is not None:
-                row.update(evaluate(self.model, self.val_loader, self.world.device))
+                row.update(self.validate())
             row["epoch_seconds"] = time.perf_counter() - t0
             self.metrics.append(row)
             self.save_state(epoch + 1)

@@ -33,9 +33,11 @@ def latency(model: nn.Module, batch: int, *, device: str = "cpu", repeats: int =
 
 
 def evaluate_deployed(model: nn.Module, val_loader, *, batch_sizes=(1, 64), repeats: int = 20,
-                      warmup: int = 5, threads: int = 1) -> dict:
+                      warmup: int = 5, threads: int = 1, quality=None) -> dict:
+    """`quality(model) -> dict`: the task's metrics (default: top-1/top-5 of a classifier)."""
     a = model.arch
-    out = {**evaluate(model, val_loader), "macs": int(a.macs()),
+    metrics = quality(model) if quality is not None else evaluate(model, val_loader)
+    out = {**metrics, "macs": int(a.macs()),
            "macs_ptflops": ptflops_macs(model, a.in_channels, a.resolution), "params": int(a.params()),
            "widths": a.searchable_widths(), "threads": threads, "machine": machine(threads)}
     previous = torch.get_num_threads()

@@ -216,7 +216,7 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
            alpha: float = DEFAULT_ALPHA, min_channels: int = 1, tolerance: float = DEFAULT_TOLERANCE,
            channel_multiple: int = 1, penalty_gradient: str = "both", latency_table=None,
            history_every: int = 10, val_loader=None, seed: int = 0, state_path=None, fingerprint=None, on_epoch=None,
-           world=None, progress: bool = False) -> SearchResult:
+           world=None, progress: bool = False, trainer=None) -> SearchResult:
     """Train weights and DBC gates jointly on CE + MACs penalty, then land on the target.
 
     Works on any traceable CNN: a model built by `pas.models.build` carries its channel graph; any
@@ -227,6 +227,9 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
     `channel_multiple`: every width a multiple of it (`pas.landing`); `penalty_gradient`: "both" or
     "output" (module docstring). A time target ('3.5ms') needs `latency_table` (a path or a
     `pas.latency_table.LatencyTable`).
+    `trainer(penalty=..., **kw)`: what trains the gated `model` (default: `pas.engine.Trainer` on the
+    model, cross-entropy); a task that trains `model` inside other networks (`pas.translation`: a
+    generator inside its CycleGAN) passes its own, with the same keywords as Trainer's but `model`.
     """
     check_penalty_gradient(penalty_gradient)
     if example_input is not None and not isinstance(getattr(model, "arch", None), Network):
@@ -242,10 +245,11 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
         attach_gates(model, min_channels=min_channels)
     penalty = (LatencyPenalty(arch, budget, alpha, rule=rule, penalty_gradient=penalty_gradient) if budget.latency
                else MacsPenalty(arch, int(budget.target), alpha, rule=rule, penalty_gradient=penalty_gradient))
-    trainer = Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=epochs,
-                      optim=optim or OptimConfig(lr=0.02, schedule="constant"), seed=seed,
-                      state_path=state_path, fingerprint=fingerprint, penalty=penalty, on_epoch=on_epoch, world=world,
-                      progress=progress)
+    make = trainer or (lambda **kw: Trainer(model, **kw))
+    trainer = make(train_loader=train_loader, val_loader=val_loader, epochs=epochs,
+                   optim=optim or OptimConfig(lr=0.02, schedule="constant"), seed=seed,
+                   state_path=state_path, fingerprint=fingerprint, penalty=lambda _: penalty(model),
+                   on_epoch=on_epoch, world=world, progress=progress)
 
     def record(epoch, step, macs):
         n = len(trainer.history)

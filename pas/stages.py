@@ -57,7 +57,13 @@ def _data_inputs(cfg: dict) -> tuple[str, ...]:
     return (d["bad_images_report"],) if d["bad_images"] == "skip" and d["bad_images_report"] else ()
 
 
+def _is_translation(cfg: dict) -> bool:
+    return cfg["task"] == "translation"
+
+
 def _data(cfg: dict, world, *, augment: bool = True):
+    if _is_translation(cfg):
+        return _translation_data(cfg, world)
     from pas.data import load_data, make_loader
     d = cfg["dataset"]
     exclude = _excluded_files(d)
@@ -80,8 +86,35 @@ def _data(cfg: dict, world, *, augment: bool = True):
     return train_loader, val_loader, info
 
 
+def _translation_data(cfg: dict, world):
+    """The unpaired domains of pas.translation (no augmentation: the contour is computed from the
+    image as it is); the validation loader holds the TranslationData (`.data`)."""
+    from pas.data import load_data
+    from pas.translation import PairedLoader, UnpairedLoader, translation_data
+    if world.size > 1:
+        raise PasError("task translation trains in one process; expected --nproc-per-node 1")
+    d = cfg["dataset"]
+    train, val, info = load_data(d["name"], root=d["root"], val_fraction=d["val_fraction"], seed=d["split_seed"],
+                                 resize=d["resize"], augment=False, max_train=d["max_train"], max_val=d["max_val"],
+                                 in_channels=d["in_channels"])
+    data = translation_data(train, val, info, split_seed=d["split_seed"])
+
+    def train_loader(epoch: int):
+        return UnpairedLoader(data.train_a, data.train_b, batch_size=cfg["batch_size"], seed=cfg["seed"], epoch=epoch)
+    return train_loader, PairedLoader(data), info
+
+
+def _searched(model):
+    """The network whose widths are searched: the model itself, or a CycleGAN's generator G."""
+    from pas.translation import CycleGAN
+    return model.g if isinstance(model, CycleGAN) else model
+
+
 def _model(cfg: dict, info, world):
     from pas.models import build
+    if _is_translation(cfg):
+        from pas.translation import build_cyclegan
+        return build_cyclegan(cfg["backbone"], channels=info.in_channels, resolution=info.resolution).to(world.device)
     model = build(cfg["backbone"], num_classes=info.num_classes, in_channels=info.in_channels,
                   resolution=info.resolution)
     if world.size > 1 and cfg["sync_bn"] and world.device.type == "cuda":  # SyncBatchNorm is GPU-only
@@ -94,7 +127,7 @@ def _model(cfg: dict, info, world):
 def _weights_only(model) -> dict:
     """Training-form weights without gates: masks travel in masks.json."""
     from pas.gates import GATES_ATTR
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k.split(".")[0] != GATES_ATTR}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if GATES_ATTR not in k.split(".")}
 
 
 def _load_weights(model, path: str) -> None:
@@ -164,6 +197,7 @@ def _read_masks(path: str) -> list[torch.Tensor]:
 
 
 def _check_masks(model, masks, path):
+    model = _searched(model)
     widths = model.arch.searchable_widths()
     if [len(m) for m in masks] != widths:
         raise PasError(f"masks file {path!r} has layer widths {[len(m) for m in masks]}, but "
@@ -221,9 +255,20 @@ def _remove_leftovers(out: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _trainer_class(cfg, model):
+    """What trains `model`: the engine's Trainer (cross-entropy), or CycleGAN's two updates per step."""
+    from pas.engine import Trainer
+    if not _is_translation(cfg):
+        return lambda **kw: Trainer(model, **kw)
+    from pas.translation import CycleGANTrainer
+    t = cfg["translation"]
+    return lambda **kw: CycleGANTrainer(model, lambda_cycle=t["lambda_cycle"], lambda_identity=t["lambda_identity"],
+                                        **kw)
+
+
 def _trainer(cfg, model, stage: str, tracker, state, train_loader, val_loader, world, inputs=()):
-    from pas.engine import OptimConfig, Trainer
-    return Trainer(model, train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
+    from pas.engine import OptimConfig
+    return _trainer_class(cfg, model)(train_loader=train_loader, val_loader=val_loader, epochs=cfg["epochs"],
                    optim=OptimConfig(**cfg["optim"]), seed=cfg["seed"], state_path=state,
                    fingerprint=_fingerprint(cfg, *inputs, *_data_inputs(cfg)),
                    on_epoch=_epoch_logger(tracker, stage, cfg["epochs"]), world=world, amp=cfg["amp"],
@@ -232,7 +277,8 @@ def _trainer(cfg, model, stage: str, tracker, state, train_loader, val_loader, w
 
 def _training_metrics(cfg, stage: str, rows: list[dict], t0: float, **extra) -> dict:
     final = rows[-1] if rows else {}
-    return {"stage": stage, "backbone": cfg["backbone"], "epochs": cfg["epochs"], **extra,
+    task = {f"final_{k}": final.get(k) for k in ("val_l1", "psnr")} if cfg["task"] == "translation" else {}
+    return {"stage": stage, "backbone": cfg["backbone"], "epochs": cfg["epochs"], **extra, **task,
             "final_top1": final.get("top1"), "final_top5": final.get("top5"),
             "wall_seconds": time.perf_counter() - t0, "history": rows}
 
@@ -265,6 +311,9 @@ def pretrain(cfg: dict, *, out_weights: str, out_metrics: str, import_path: str 
     state = _state_path(out_weights)
     trained = not import_path
     if import_path:
+        if _is_translation(cfg):
+            raise PasError("pas pretrain --import reads classification checkpoints; expected no --import for task "
+                           "translation")
         trained = _import_weights(model, import_path, tracker, world)
     if trained:
         rows = _trainer(cfg, model, "pretrain", tracker, state, train_loader, val_loader, world,
@@ -272,7 +321,7 @@ def pretrain(cfg: dict, *, out_weights: str, out_metrics: str, import_path: str 
     else:
         from pas.engine import evaluate
         rows = [evaluate(model, val_loader, world.device)]
-    metrics = _training_metrics(cfg, "pretrain", rows, t0, macs=int(model.arch.macs()))
+    metrics = _training_metrics(cfg, "pretrain", rows, t0, macs=int(_searched(model).arch.macs()))
     if world.main:
         _finish_training(tracker, out_weights, model, out_metrics, metrics, state)
     return metrics
@@ -288,6 +337,7 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     train_loader, val_loader, info = _data(cfg, world)
     model = _model(cfg, info, world)
     _load_weights(model, weights)
+    net = _searched(model)
     s = cfg["search"]
     tracker = _tracker(cfg, "search", world, out_metrics, info, weights_in=weights, weights_out=out_weights)
     t0 = time.perf_counter()
@@ -297,27 +347,27 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     def on_epoch(epoch, row):  # the kept widths of every epoch, for the width curves in MLflow
         from pas.gates import kept_widths
         log_epoch(epoch, row)
-        tracker.metrics({f"kept_{i:02d}": w for i, w in enumerate(kept_widths(model))}, step=epoch)
+        tracker.metrics({f"kept_{i:02d}": w for i, w in enumerate(kept_widths(net))}, step=epoch)
 
-    result = run_search(model, train_loader, target=s["target"], epochs=cfg["epochs"],
+    result = run_search(_searched(model), train_loader, target=s["target"], epochs=cfg["epochs"],
                         optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
                         tolerance=s["tolerance"], channel_multiple=s["channel_multiple"],
                         penalty_gradient=s["penalty_gradient"], latency_table=s["latency_table"],
                         history_every=s["history_every"], val_loader=val_loader,
                         seed=cfg["seed"], state_path=state, fingerprint=_fingerprint(cfg, weights, *_data_inputs(cfg)),
-                        world=world, progress=_progress(cfg),
+                        world=world, progress=_progress(cfg), trainer=_trainer_class(cfg, model),
                         on_epoch=on_epoch)
     wall = time.perf_counter() - t0
     if not world.main:
         return {}
     landing = result.landing.record()
-    record = _masks_record(model.arch, result.masks, **result.budget.record(),
+    record = _masks_record(net.arch, result.masks, **result.budget.record(),
                            searched_macs=result.searched_macs, method="pas",
                            channel_multiple=s["channel_multiple"], **landing)
     _warn_if_unconverged(result.landing)
     atomic_write_json(out_masks, record)
-    atomic_write_json(out_history, {"layers": len(result.masks), "full_widths": model.arch.searchable_widths(),
-                                    "layer_sizes": model.arch.searchable_sizes(),
+    atomic_write_json(out_history, {"layers": len(result.masks), "full_widths": net.arch.searchable_widths(),
+                                    "layer_sizes": net.arch.searchable_sizes(),
                                     "target_macs": result.target_macs, "records": result.history})
     final = result.metrics[-1] if result.metrics else {}
     metrics = {"stage": "search", "backbone": cfg["backbone"], "epochs": cfg["epochs"],
@@ -360,16 +410,17 @@ def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
     world = _setup(cfg)
     _, _, info = _data(cfg, world)
     model = _model(cfg, info, world)
+    net = _searched(model)
     if s["method"] == "full":
-        record = _masks_record(model.arch, [torch.ones(w, dtype=torch.bool) for w in model.arch.searchable_widths()],
+        record = _masks_record(net.arch, [torch.ones(w, dtype=torch.bool) for w in net.arch.searchable_widths()],
                                method="full")
         atomic_write_json(out_masks, record)
         return record
     _load_weights(model, weights)
-    budget = resolve_budget(s["target"], model.arch, s["min_channels"], s["channel_multiple"], s["latency_table"])
-    landing = run_pruner(s["method"], model, budget.target, channel_multiple=s["channel_multiple"],
-                         tolerance=s["tolerance"], min_channels=s["min_channels"], cost=budget.cost(model.arch))
-    record = _masks_record(model.arch, landing.masks, **budget.record(), method=s["method"],
+    budget = resolve_budget(s["target"], net.arch, s["min_channels"], s["channel_multiple"], s["latency_table"])
+    landing = run_pruner(s["method"], net, budget.target, channel_multiple=s["channel_multiple"],
+                         tolerance=s["tolerance"], min_channels=s["min_channels"], cost=budget.cost(net.arch))
+    record = _masks_record(net.arch, landing.masks, **budget.record(), method=s["method"],
                            channel_multiple=s["channel_multiple"], **landing.record())
     tracker = _tracker(cfg, "prune", world, out_masks, weights_in=weights)  # a store that fails, fails before any output
     atomic_write_json(out_masks, record)
@@ -392,15 +443,15 @@ def finetune(cfg: dict, *, weights: str, masks: str, out_weights: str, out_metri
     _load_weights(model, weights)
     mask_list = _read_masks(masks)
     _check_masks(model, mask_list, masks)
-    set_masks(model, mask_list)
-    freeze_gates(model)
+    set_masks(_searched(model), mask_list)
+    freeze_gates(_searched(model))
     tracker = _tracker(cfg, "finetune", world, out_metrics, info, weights_in=weights, weights_out=out_weights)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
     rows = _trainer(cfg, model, "finetune", tracker, state, train_loader, val_loader, world,
                     inputs=(weights, masks)).fit()
     metrics = _training_metrics(cfg, "finetune", rows, t0,
-                                macs=int(model.arch.macs([int(m.sum()) for m in mask_list])))
+                                macs=int(_searched(model).arch.macs([int(m.sum()) for m in mask_list])))
     if world.main:
         _finish_training(tracker, out_weights, model, out_metrics, metrics, state)
     return metrics
@@ -416,6 +467,7 @@ def deploy(cfg: dict, *, weights: str, masks: str, out_dir: str) -> dict:
     _, _, info = _data(cfg, world, augment=False)
     model = _model(cfg, info, world).cpu()
     _load_weights(model, weights)
+    model = _searched(model)  # a CycleGAN deploys its generator G
     mask_list = _read_masks(masks)
     _check_masks(model, mask_list, masks)
     set_masks(model, mask_list)
@@ -436,7 +488,10 @@ def deploy(cfg: dict, *, weights: str, masks: str, out_dir: str) -> dict:
     # a PaS variant is registered under its name (one version per seed and run); every deployed
     # network is a logged model
     t = cfg["tags"]
-    tracker.model(out_dir, normalization={"mean": list(info.mean), "std": list(info.std)} if info.mean else None,
+    normalization = {"mean": list(info.mean), "std": list(info.std)} if info.mean else None
+    if _is_translation(cfg):  # a generator reads and writes images in [-1, 1]
+        normalization = {"mean": [0.5] * info.in_channels, "std": [0.5] * info.in_channels}
+    tracker.model(out_dir, normalization=normalization,
                   registered_name=t["variant"] if t.get("method") == "pas" and "variant" in t else None)
     tracker.metrics({"macs": record["macs"], "params": record["params"], "compact_rel_err": err})
     tracker.finish(True)
@@ -452,14 +507,19 @@ def evaluate(cfg: dict, *, arch: str, weights: str, out: str) -> dict:
     _, val_loader, info = _data(cfg, world, augment=False)
     model = load_deployed(arch, weights)
     a = model.arch
-    if (a.in_channels, a.num_classes, a.resolution) != (info.in_channels, info.num_classes, info.resolution):
+    outputs = info.in_channels if _is_translation(cfg) else info.num_classes  # a generator outputs an image
+    if (a.in_channels, a.num_classes, a.resolution) != (info.in_channels, outputs, info.resolution):
         raise PasError(f"network {arch!r} takes {a.in_channels} channels/{a.num_classes} classes at "
                        f"{a.resolution}x{a.resolution}, dataset {info.name!r} has {info.in_channels}/"
-                       f"{info.num_classes} at {info.resolution}x{info.resolution}; expected the dataset "
+                       f"{outputs} at {info.resolution}x{info.resolution}; expected the dataset "
                        f"the network was deployed for")
     e = cfg["evaluate"]
+    quality, extra = None, {}
+    if _is_translation(cfg):
+        quality, extra = _translation_quality(cfg, val_loader, info, out)
     result = evaluate_deployed(model, val_loader, batch_sizes=e["batch_sizes"], repeats=e["repeats"],
-                               warmup=e["warmup"], threads=e["threads"])
+                               warmup=e["warmup"], threads=e["threads"], quality=quality)
+    result.update(**extra)
     result.update(backbone=cfg["backbone"], **{k: v for k, v in cfg["tags"].items()})
     tracker = _tracker(cfg, "evaluate", world, out, weights_in=weights)  # a failing store fails before any output
     atomic_write_json(out, result)
@@ -468,6 +528,29 @@ def evaluate(cfg: dict, *, arch: str, weights: str, out: str) -> dict:
     tracker.artifact(out)
     tracker.finish(True)
     return result
+
+
+def _translation_quality(cfg, val_loader, info, out):
+    """The translation metrics of a deployed generator, its sample translations (samples.png beside
+    `out`) and the classifier's accuracy on the true silhouettes and raw contours (the two ends)."""
+    from pas.models import build
+    from pas.translation import reference_accuracy, save_samples, translation_metrics
+    t = cfg["translation"]
+    classifier = None
+    if t["classifier"]:
+        if not t["classifier_backbone"]:
+            raise PasError("translation.classifier needs translation.classifier_backbone: expected the registered "
+                           "network name the classifier was trained as")
+        classifier = build(t["classifier_backbone"], num_classes=info.num_classes, in_channels=info.in_channels,
+                           resolution=info.resolution)
+        _load_weights(classifier, t["classifier"])
+        classifier.eval()
+    extra = reference_accuracy(classifier, val_loader.data) if classifier is not None else {}
+
+    def quality(model):
+        save_samples(model, val_loader.data, Path(out).with_name("samples.png"))
+        return translation_metrics(model, val_loader, classifier=classifier, info=info)
+    return quality, extra
 
 
 # -- CLI wiring ------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ from pas.io import atomic_write_text, read_json
 ROW_KEYS = ("eval", "masks", "search", "finetune", "train", "latency")
 COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "target_latency_ms", "predicted_latency_ms",
            "latency_table_batch", "macs",
-           "macs_ptflops", "params", "top1", "top5", "latency_device", "search_s", "finetune_s", "train_s",
+           "macs_ptflops", "params", "top1", "top5", "psnr", "val_l1", "latency_device", "search_s", "finetune_s", "train_s",
            "macs_before_landing", "landing_moved_channels", "landing_moved_share", "widths"]
+TRANSLATION_COLUMNS = ("psnr", "val_l1")  # a generator's quality (pas.translation)
 TEXT_COLUMNS = ("model", "method", "backbone", "latency_device", "widths")
 # Whole numbers: the CSV writes them without a decimal point, and an empty cell where there is none.
 COUNT_COLUMNS = ("seed", "target_macs", "latency_table_batch", "macs", "macs_ptflops", "params",
@@ -107,6 +108,8 @@ def eval_row(ev: dict, source: str, *, target_macs=None, search_s=None, finetune
     row = {"model": ev["variant"], "method": ev.get("method", ""), "seed": None if seed is None else int(seed),
            "backbone": ev.get("backbone", ""), "macs": ev["macs"], "macs_ptflops": ev.get("macs_ptflops"),
            "params": ev["params"], "top1": ev["top1"], "top5": ev["top5"], "latency_device": device,
+           # a translation's quality (pas.translation)
+           **{k: ev[k] for k in TRANSLATION_COLUMNS if k in ev},
            # a reference network (the full backbone, one trained from scratch) has no target
            "target_macs": None if ev.get("method") in REFERENCE_METHODS else target_macs,
            "search_s": search_s, "finetune_s": finetune_s, "train_s": train_s,
@@ -150,12 +153,15 @@ def landing_values(masks: dict) -> dict:
 
 
 def columns(names) -> list[str]:
-    """COLUMNS with the latency/throughput columns of the measured batch sizes after the accuracy."""
+    """COLUMNS with the latency/throughput columns of the measured batch sizes after the accuracy; a
+    translation's columns (TRANSLATION_COLUMNS) only where the rows have them."""
     kinds = ("latency_ms_b", "ort_latency_ms_b", "throughput_b")
     timed = sorted({k for k in names if k.startswith(kinds)},
                    key=lambda k: (int(k.rsplit("_b", 1)[1]), [k.startswith(x) for x in kinds].index(True)))
-    i = COLUMNS.index("latency_device")
-    return COLUMNS[:i] + timed + COLUMNS[i:]
+    names = set(names)
+    base = [c for c in COLUMNS if c not in TRANSLATION_COLUMNS or c in names]
+    i = base.index("latency_device")
+    return base[:i] + timed + base[i:]
 
 
 def table_frame(rows) -> pd.DataFrame:
@@ -262,8 +268,10 @@ def _fmt(key: str, value) -> str:
     if key in ("target_macs", "macs", "macs_ptflops", "params"):
         v = float(value)
         return f"{v / 1e9:.3f}G" if v >= 1e9 else f"{v / 1e6:.3f}M" if v >= 1e6 else f"{v / 1e3:.1f}K"
-    if key in ("top1", "top5"):
+    if key in ("top1", "top5", "psnr"):
         return f"{float(value):.2f}"
+    if key == "val_l1":
+        return f"{float(value):.4f}"
     if key.startswith(("latency_ms", "ort_latency_ms")) or key.endswith("_latency_ms"):
         return f"{float(value):.3f}"
     if key.startswith("throughput") or key.endswith("_s"):
@@ -284,6 +292,8 @@ def _display_columns(frame: pd.DataFrame) -> dict[str, str]:
         elif c.startswith("throughput_b"):
             shown[c] = f"img/s b{c.rsplit('_b', 1)[1]}"
     shown.update({"search_s": "search s", "finetune_s": "fine-tune s", "train_s": "train s"})
+    if "psnr" in frame:  # a translation's rows
+        shown.update({"psnr": "PSNR dB", "val_l1": "L1"})
     if frame["landing_moved_share"].notna().any():  # shown where a landing moved anything
         shown["landing_moved_share"] = "landing moved %"
     if frame["target_latency_ms"].notna().any():  # shown where a variant has a latency budget

@@ -21,6 +21,7 @@ from pas.arch import minimum_resolution
 from pas.errors import PasError
 from pas.graph.channels import channel_graph
 from pas.graph.network import Network, searched_groups
+from pas.models.generator import ResnetGenerator
 from pas.models.mobilenetv2 import MobileNetV2, mobilenetv2_arch
 from pas.models.repvgg import RepVGG, repvgg_arch
 from pas.models.resnet import ResNet
@@ -78,7 +79,25 @@ def _resnet(block: str, blocks: tuple[int, ...], mini: bool = False) -> Builder:
         in_channels=in_channels, num_classes=num_classes)
 
 
+# Image-to-image generators (CycleGAN's layout; `num_classes` is the output image's channels): the
+# 9-block members of CycleGAN (ResNet blocks) and GAN Compression (Mobile-ResNet: separable blocks)
+# for 256x256 images, and small members for 28x28 images with a quarter of the filters and 3 blocks.
+GENERATORS = {"resnet_generator": (64, 9, False), "mobile_resnet_generator": (64, 9, True),
+              "resnet_generator_mini": (16, 3, False), "mobile_resnet_generator_mini": (16, 3, True)}
+
+
+def _generator(filters: int, blocks: int, separable: bool) -> Builder:
+    def build(*, in_channels, num_classes, resolution):
+        if resolution % 4:
+            raise PasError(f"resolution {resolution} does not suit a generator: its two stride-2 convs and two "
+                           f"transposed convs give back the input size only for a multiple of 4")
+        return ResnetGenerator(in_channels=in_channels, out_channels=num_classes, filters=filters, blocks=blocks,
+                               separable=separable)
+    return build
+
+
 REGISTRY: dict[str, Builder] = {
+    **{name: _generator(*spec) for name, spec in GENERATORS.items()},
     **{f"repvgg_{v}": _repvgg(v) for v in MULTIPLIERS},
     "repvgg_b1g2": _repvgg("b1", 2), "repvgg_b1g4": _repvgg("b1", 4), "repvgg_b2g4": _repvgg("b2", 4),
     **{f"repvgg_{v}_mini": _repvgg(v, mini=True) for v in ("a0", "a1", "b0", "b1")},
@@ -105,6 +124,8 @@ def family_of(name: str) -> str:
         return "torchvision"
     if ":" in name:
         return "custom"
+    if name in GENERATORS:
+        return "generator"
     return next((f for f in ("repvgg", "mobilenetv2", "resnet") if name.startswith(f)), "custom")
 
 

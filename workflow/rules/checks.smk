@@ -65,6 +65,8 @@ def network_arch(cfg, backbone):
     if shape is None:
         return None
     channels, classes, side = shape
+    if cfg["task"] == "translation":  # a generator writes an image of the input's channels
+        classes = channels
     return pas.models.arch_for(backbone, num_classes=classes, in_channels=channels, resolution=side)
 
 
@@ -94,6 +96,8 @@ def check_config(cfg):
                                v.get("channel_multiple", cfg["search"]["channel_multiple"]))
         except PasError as e:
             config_error(f"{key}.target", f"{v['name']} on {v['backbone']}: {e}")
+    if cfg["task"] == "translation":
+        check_translation(cfg)
     scratch = cfg["references"]["scratch"]
     for i, name in enumerate(scratch):
         if not pas.models.is_backbone(name):
@@ -104,6 +108,28 @@ def check_config(cfg):
     for backbone, path in cfg["pretrain"]["weights"].items():
         if path is not None and backbone not in searched:  # null: no checkpoint (an override can say so)
             config_error(f"pretrain.weights.{backbone}", f"no variant uses backbone {backbone!r}")
+
+
+def check_translation(cfg):
+    """A translation run: generators as backbones, a dataset the domains are made from, a registered
+    classifier, and no scratch rows (there is no family of smaller generators to train)."""
+    from pas.translation import TRANSLATION_DATASETS
+    if cfg["dataset"]["name"] not in TRANSLATION_DATASETS:
+        config_error("dataset.name", f"task translation makes its domains from {' or '.join(TRANSLATION_DATASETS)}; "
+                                     f"got {cfg['dataset']['name']!r}")
+    for i, v in enumerate(cfg["variants"]):
+        if pas.models.family_of(v["backbone"]) != "generator":
+            config_error(f"variants[{i}].backbone", f"{v['backbone']!r} is not an image generator; task translation "
+                                                    f"expects one of {', '.join(pas.models.GENERATORS)}")
+    if cfg["references"]["scratch"]:
+        config_error("references.scratch", "task translation has no scratch rows; expected []")
+    backbone = cfg["translation"]["classifier"]["backbone"]
+    if backbone not in pas.models.names():
+        config_error("translation.classifier.backbone", f"unknown network {backbone!r}; expected a registered one")
+    for b in cfg["baselines"]["methods"]:
+        if b == "bn_gamma":
+            config_error("baselines.methods", "bn_gamma ranks BatchNorm scales; a generator has instance norms "
+                                              "without them: expected uniform and/or l1")
 
 
 def check_data_paths(cfg):

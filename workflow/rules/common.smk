@@ -171,8 +171,50 @@ def common_slice(backbone, tags):
     training = {k: v for k, v in config["training"].items() if k != "seeds"}
     tracking = {k: v for k, v in config["tracking"].items() if k != "mode"}
     tracking["enabled"] = tracking_is_direct()
+    task = {"task": "translation", "translation": translation_losses()} if is_translation() else {}
     return {"backbone": backbone, **training, "seed": int(tags["seed"]), "progress": False,
-            "dataset": dataset_slice(), "tracking": tracking, "tags": tags}
+            "dataset": dataset_slice(), "tracking": tracking, "tags": tags, **task}
+
+
+# -- the translation task (task: translation) ----------------------------------------------------
+
+def is_translation():
+    return config["task"] == "translation"
+
+
+def translation_losses():
+    t = config["translation"]
+    return {k: t[k] for k in ("lambda_cycle", "lambda_identity")}
+
+
+def classifier_dir():
+    return f"{RESULTS}/classifier/{config['translation']['classifier']['backbone']}"
+
+
+def classifier_weights(wildcards=None):
+    """The classifier that judges translations (rule classifier): an input of every evaluation of a
+    translation run, nothing otherwise."""
+    return f"{classifier_dir()}/weights.pt" if is_translation() else []
+
+
+def classifier_flags(wildcards=None):
+    """pas pretrain of a classifier on the dataset's images: the classification task, seed 0."""
+    c = config["translation"]["classifier"]
+    tags = {"variant": "classifier", "model": c["backbone"], "method": "classifier", "seed": "0"}
+    common = common_slice(c["backbone"], tags)
+    common.pop("translation", None)
+    return set_flags({**common, "task": "classification", "epochs": c["epochs"], "batch_size": c["batch_size"],
+                      "optim": {"lr": c["lr"]}})
+
+
+def samples_inputs(wildcards=None):
+    """Every row's sample translations of the first seed (evaluate writes them beside eval.json)."""
+    return [f"{model_dir(method, model, seeds()[0])}/samples.png" for method, model in models()]
+
+
+def samples_flags(wildcards=None):
+    names = [tags_for(m, model, seeds()[0])["variant"] for m, model in models()]
+    return " ".join(f"--model {shlex.quote(f'{name}={path}')}" for name, path in zip(names, samples_inputs()))
 
 
 def check_data_flags(wildcards=None):
@@ -314,10 +356,15 @@ def deploy_flags(wildcards):
 
 
 def evaluate_flags(wildcards):
-    """Accuracy, MACs and params only: the latency job times every network side by side later."""
+    """Accuracy, MACs and params only: the latency job times every network side by side later. A
+    translation is judged by the classifier (rule classifier)."""
     backbone = model_backbone(wildcards.method, wildcards.model)
-    return set_flags({**common_slice(backbone, tags_for(wildcards.method, wildcards.model, wildcards.seed)),
-                      "evaluate": {"batch_sizes": []}})
+    stage = {**common_slice(backbone, tags_for(wildcards.method, wildcards.model, wildcards.seed)),
+             "evaluate": {"batch_sizes": []}}
+    if is_translation():
+        stage["translation"].update(classifier=classifier_weights(),
+                                    classifier_backbone=config["translation"]["classifier"]["backbone"])
+    return set_flags(stage)
 
 
 def full_masks_flags(wildcards):

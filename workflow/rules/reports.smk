@@ -53,6 +53,26 @@ rule plots:
         "--out-dir $(dirname {output.widths}) > {log} 2>&1"
 
 
+rule translation_samples:
+    """Task translation: the first seed's sample translations of every row, with the contours they
+    translate and the true silhouettes."""
+    input:
+        samples_inputs,
+    output:
+        png=report("results/plots/translations.png", caption="../report/translations.rst", category="Figures"),
+    log:
+        "results/plots/logs/translations.log",
+    params:
+        models=samples_flags,
+    threads: 1
+    resources:
+        **LIGHT_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas translation-samples {params.models} --out {output.png} > {log} 2>&1"
+
+
 rule evidence:
     """The paper's claims over every seed: top-1 mean and spread per method and target, PaS against
     each baseline paired by seed (95% interval, ahead / behind / within noise), when the gates settle,

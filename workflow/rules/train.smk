@@ -137,14 +137,44 @@ rule reparameterize:
         "--out-dir $(dirname {output.arch}) > {log} 2>&1"
 
 
-rule evaluate:
-    """Top-1/top-5, MACs (analytic and ptflops), params, latency and throughput of the plain network."""
+rule classifier:
+    """Task translation: a classifier of the dataset's images (the silhouettes), trained once; its
+    top-1 on a generator's translations is the translation's task metric."""
     input:
         tracking=tracking_marker,
+    output:
+        weights="results/classifier/{backbone}/weights.pt",
+        metrics="results/classifier/{backbone}/metrics.json",
+    log:
+        "results/classifier/{backbone}/logs/pretrain.log",
+    benchmark:
+        "results/classifier/{backbone}/logs/pretrain.benchmark.tsv"
+    wildcard_constraints:
+        backbone=re.escape(config["translation"]["classifier"]["backbone"]),
+    params:
+        stage=classifier_flags,
+    threads: TRAIN_THREADS
+    resources:
+        **train_resources("pretrain"),
+    conda:
+        PAS_ENV
+    shell:
+        "pas pretrain {params.stage} --set threads={resources.threads_per_rank} --nproc-per-node {resources.nproc_per_node} "
+        "--out-weights {output.weights} --out-metrics {output.metrics} > {log} 2>&1"
+
+
+rule evaluate:
+    """Top-1/top-5, MACs (analytic and ptflops), params, latency and throughput of the plain network;
+    a generator's L1, PSNR and the classifier's top-1 on its translations, and samples.png."""
+    input:
+        tracking=tracking_marker,
+        classifier=classifier_weights,
         arch="results/seed{seed}/models/{method}/{model}/deploy/arch.json",
         weights="results/seed{seed}/models/{method}/{model}/deploy/model.safetensors",
     output:
         result="results/seed{seed}/models/{method}/{model}/eval.json",
+        # task translation: the first validation contours, their translations, the true silhouettes
+        **({"samples": "results/seed{seed}/models/{method}/{model}/samples.png"} if is_translation() else {}),
     log:
         "results/seed{seed}/models/{method}/{model}/logs/evaluate.log",
     benchmark:
