@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--in-channels", type=int, default=3)
     info.set_defaults(func=_info)
 
-    from pas import datacheck, evidence, latency, latency_table, plots, stages, tables, translation
+    from pas import datacheck, evidence, latency, latency_table, plots, stages, tables
     stages.add_subcommands(sub)
-    translation.add_subcommand(sub)
+    plots.add_samples_subcommand(sub)
     latency.add_subcommand(sub)
     latency_table.add_subcommand(sub)
     datacheck.add_subcommand(sub)

@@ -23,10 +23,11 @@ SCRATCH_METHODS = ("scratch", "scratch_long")
 REFERENCE_METHODS = ("full", *SCRATCH_METHODS)
 
 # key: (type or tuple of types, default, description). Nested dicts are sections.
-TASKS = ("classification", "translation")
+TASKS = ("classification", "translation", "segmentation")
 
 SCHEMA: dict = {
-    "task": (str, "classification", "classification | translation (a CycleGAN generator: pas.translation)"),
+    "task": (str, "classification", "classification | translation (a CycleGAN generator: pas.translation) | "
+                                    "segmentation (a YOLACT network on composed scenes: pas.segmentation)"),
     "backbone": (str, "repvgg_b1_mini", "registered network name (pas info NAME)"),
     "seed": (int, 0, "seed of initialisation, data order and augmentation"),
     "epochs": (int, 10, "epochs of this stage"),
@@ -86,6 +87,11 @@ SCHEMA: dict = {
                                                 "evaluate reports its top-1 on the translations"),
         "classifier_backbone": ((str, type(None)), None, "the classifier's registered network name"),
     },
+    "segmentation": {
+        "canvas": (int, 64, "side of the composed scenes (a multiple of 32)"),
+        "train_scenes": (int, 1000, "training scenes, composed from the training split's silhouettes"),
+        "val_scenes": (int, 200, "validation scenes, from the validation split's silhouettes"),
+    },
     "tracking": {
         "enabled": (bool, True, "log to MLflow (plain files are always written)"),
         "uri": (str, "sqlite:///results/mlflow.db", "MLflow tracking URI"),
@@ -119,7 +125,8 @@ def _check(value, spec, key: str):
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         raise PasError(f"config key {key!r} must be {_type_name(spec[0])}, got {value!r}")
-    if key in ("epochs", "batch_size", "search.history_every", "evaluate.repeats", "search.channel_multiple") \
+    if key in ("epochs", "batch_size", "search.history_every", "evaluate.repeats", "search.channel_multiple",
+               "segmentation.canvas", "segmentation.train_scenes", "segmentation.val_scenes") \
             and value < (0 if key == "epochs" else 1):
         raise PasError(f"config key {key!r} must be {'>= 0' if key == 'epochs' else '>= 1'}, got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:

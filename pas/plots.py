@@ -380,3 +380,57 @@ def add_subcommand(sub) -> None:
                                             "every seed's (mean ± std)")
     p.add_argument("--out-dir", required=True, help=f"writes {', '.join(FIGURES)} as PNG and PDF here")
     p.set_defaults(func=main)
+
+
+def samples_figure(samples: dict[str, str], out, *, labels=("input", "truth")) -> None:
+    """One figure of every model's samples.png (three rows each: the inputs, the model's output, the
+    truth; pas evaluate writes them for tasks translation and segmentation): the first's inputs on
+    top, one row per model, the first's truth at the bottom, labelled `labels`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    from pas.io import atomic_path
+    if not samples:
+        raise PasError("no models given; expected --model NAME=samples.png at least once")
+    grids = {}
+    for name, path in samples.items():
+        try:
+            grids[name] = np.asarray(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise PasError(f"samples {str(path)!r} of {name!r} cannot be read ({e}); expected the samples.png "
+                           f"pas evaluate writes for tasks translation and segmentation") from None
+    first = next(iter(grids.values()))
+    h = first.shape[0] // 3
+    if any(g.shape != first.shape for g in grids.values()) or first.shape[0] % 3:
+        raise PasError(f"sample grids of shapes {sorted({g.shape for g in grids.values()})}; expected one shape, "
+                       f"three rows (inputs, outputs, truth)")
+    rows = [(labels[0], first[:h])] + [(n, g[h:2 * h]) for n, g in grids.items()] + [(labels[1], first[2 * h:])]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(first.shape[1] / 40, 0.75 * len(rows)), squeeze=False)
+    for ax, (label, img) in zip(axes[:, 0], rows):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=str(out).rsplit(".", 1)[-1], dpi=150)
+    plt.close(fig)
+
+
+def add_samples_subcommand(sub) -> None:
+    p = sub.add_parser("samples", help="one figure of every model's samples (translations, predicted masks)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PNG",
+                   help="a model's samples.png (pas evaluate, tasks translation and segmentation); repeatable, "
+                        "in row order")
+    p.add_argument("--labels", nargs=2, default=["input", "truth"], metavar=("INPUT", "TRUTH"),
+                   help="labels of the first and last rows")
+    p.add_argument("--out", required=True, help="the figure (.png or .pdf)")
+
+    def run(args) -> int:
+        from pas.config import named_values
+        samples_figure(named_values(args.model, option="--model", value="PNG"), args.out, labels=args.labels)
+        return 0
+    p.set_defaults(func=run)

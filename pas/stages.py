@@ -64,6 +64,8 @@ def _is_translation(cfg: dict) -> bool:
 def _data(cfg: dict, world, *, augment: bool = True):
     if _is_translation(cfg):
         return _translation_data(cfg, world)
+    if cfg["task"] == "segmentation":
+        return _segmentation_data(cfg, world)
     from pas.data import load_data, make_loader
     d = cfg["dataset"]
     exclude = _excluded_files(d)
@@ -104,6 +106,29 @@ def _translation_data(cfg: dict, world):
     return train_loader, PairedLoader(data), info
 
 
+def _segmentation_data(cfg: dict, world):
+    """Scenes composed from the embedded silhouettes (pas.segmentation), the same for every run of a
+    split seed; the validation loader holds them (`.scenes`) for COCO's evaluation."""
+    from pas.data import ANIMAL_MNIST_CLASSES, DataInfo
+    from pas.segmentation import SceneLoader, scenes_from_dataset
+    d, s = cfg["dataset"], cfg["segmentation"]
+    if d["name"] != "animal_mnist":
+        raise PasError(f"task segmentation composes its scenes from the embedded animal_mnist; got dataset "
+                       f"{d['name']!r}")
+    if world.size > 1:
+        raise PasError("task segmentation trains in one process; expected --nproc-per-node 1")
+    common = dict(canvas=s["canvas"], val_fraction=d["val_fraction"], split_seed=d["split_seed"], seed=d["split_seed"])
+    train = scenes_from_dataset("train", count=s["train_scenes"], **common)
+    val = scenes_from_dataset("val", count=s["val_scenes"], **common)
+    info = DataInfo(name="animal_mnist_scenes", in_channels=1, num_classes=len(ANIMAL_MNIST_CLASSES),
+                    resolution=s["canvas"], train_size=len(train), val_size=len(val),
+                    classes=list(ANIMAL_MNIST_CLASSES), mean=(0.5,), std=(0.5,))
+
+    def train_loader(epoch: int):
+        return SceneLoader(train, batch_size=cfg["batch_size"], seed=cfg["seed"], epoch=epoch)
+    return train_loader, SceneLoader(val, batch_size=64, shuffle=False), info
+
+
 def _searched(model):
     """The network whose widths are searched: the model itself, or a CycleGAN's generator G."""
     from pas.translation import CycleGAN
@@ -115,6 +140,11 @@ def _model(cfg: dict, info, world):
     if _is_translation(cfg):
         from pas.translation import build_cyclegan
         return build_cyclegan(cfg["backbone"], channels=info.in_channels, resolution=info.resolution).to(world.device)
+    if cfg["task"] == "segmentation":
+        from pas.models import family_of
+        if family_of(cfg["backbone"]) != "yolact":
+            raise PasError(f"backbone {cfg['backbone']!r} is not an instance-segmentation network; expected "
+                           f"yolact_mini for task segmentation")
     model = build(cfg["backbone"], num_classes=info.num_classes, in_channels=info.in_channels,
                   resolution=info.resolution)
     if world.size > 1 and cfg["sync_bn"] and world.device.type == "cuda":  # SyncBatchNorm is GPU-only
@@ -258,6 +288,9 @@ def _remove_leftovers(out: Path) -> None:
 def _trainer_class(cfg, model):
     """What trains `model`: the engine's Trainer (cross-entropy), or CycleGAN's two updates per step."""
     from pas.engine import Trainer
+    if cfg["task"] == "segmentation":
+        from pas.segmentation import SegmentationTrainer
+        return lambda **kw: SegmentationTrainer(model, **kw)
     if not _is_translation(cfg):
         return lambda **kw: Trainer(model, **kw)
     from pas.translation import CycleGANTrainer
@@ -277,7 +310,7 @@ def _trainer(cfg, model, stage: str, tracker, state, train_loader, val_loader, w
 
 def _training_metrics(cfg, stage: str, rows: list[dict], t0: float, **extra) -> dict:
     final = rows[-1] if rows else {}
-    task = {f"final_{k}": final.get(k) for k in ("val_l1", "psnr")} if cfg["task"] == "translation" else {}
+    task = {f"final_{k}": final.get(k) for k in TASK_METRICS.get(cfg["task"], ())}
     return {"stage": stage, "backbone": cfg["backbone"], "epochs": cfg["epochs"], **extra, **task,
             "final_top1": final.get("top1"), "final_top5": final.get("top5"),
             "wall_seconds": time.perf_counter() - t0, "history": rows}
@@ -296,6 +329,10 @@ def _finish_training(tracker, out_weights, model, metrics_path, metrics, state_p
                     step=int(metrics.get("epochs") or 0) + 1)
     tracker.finish(True)
     Path(state_path).unlink(missing_ok=True)
+
+
+# What a task's validation reports besides (or, for segmentation, instead of) top-1/top-5.
+TASK_METRICS = {"translation": ("val_l1", "psnr"), "segmentation": ("mask_ap", "mask_ap50", "box_ap", "box_ap50")}
 
 
 # -- stages ----------------------------------------------------------------------------------
@@ -489,7 +526,7 @@ def deploy(cfg: dict, *, weights: str, masks: str, out_dir: str) -> dict:
     # network is a logged model
     t = cfg["tags"]
     normalization = {"mean": list(info.mean), "std": list(info.std)} if info.mean else None
-    if _is_translation(cfg):  # a generator reads and writes images in [-1, 1]
+    if cfg["task"] != "classification":  # a generator or a YOLACT reads images in [-1, 1]
         normalization = {"mean": [0.5] * info.in_channels, "std": [0.5] * info.in_channels}
     tracker.model(out_dir, normalization=normalization,
                   registered_name=t["variant"] if t.get("method") == "pas" and "variant" in t else None)
@@ -517,6 +554,8 @@ def evaluate(cfg: dict, *, arch: str, weights: str, out: str) -> dict:
     quality, extra = None, {}
     if _is_translation(cfg):
         quality, extra = _translation_quality(cfg, val_loader, info, out)
+    elif cfg["task"] == "segmentation":
+        quality = _segmentation_quality(val_loader, out)
     result = evaluate_deployed(model, val_loader, batch_sizes=e["batch_sizes"], repeats=e["repeats"],
                                warmup=e["warmup"], threads=e["threads"], quality=quality)
     result.update(**extra)
@@ -551,6 +590,16 @@ def _translation_quality(cfg, val_loader, info, out):
         save_samples(model, val_loader.data, Path(out).with_name("samples.png"))
         return translation_metrics(model, val_loader, classifier=classifier, info=info)
     return quality, extra
+
+
+def _segmentation_quality(val_loader, out):
+    """COCO mask and box AP of a deployed YOLACT, and its predicted masks (samples.png beside `out`)."""
+    from pas.segmentation import save_samples, segmentation_metrics
+
+    def quality(model):
+        save_samples(model, val_loader.scenes, Path(out).with_name("samples.png"))
+        return segmentation_metrics(model, val_loader, model.spec)
+    return quality
 
 
 # -- CLI wiring ------------------------------------------------------------------------------

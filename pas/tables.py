@@ -30,12 +30,13 @@ from pas.config import BASELINES, REFERENCE_METHODS
 from pas.errors import PasError
 from pas.io import atomic_write_text, read_json
 
+# a task's own quality: a generator's (pas.translation), a YOLACT's COCO AP (pas.segmentation)
+TASK_COLUMNS = ("psnr", "val_l1", "mask_ap", "mask_ap50", "box_ap", "box_ap50")
 ROW_KEYS = ("eval", "masks", "search", "finetune", "train", "latency")
 COLUMNS = ["model", "method", "seed", "backbone", "target_macs", "target_latency_ms", "predicted_latency_ms",
            "latency_table_batch", "macs",
-           "macs_ptflops", "params", "top1", "top5", "psnr", "val_l1", "latency_device", "search_s", "finetune_s", "train_s",
+           "macs_ptflops", "params", "top1", "top5", *TASK_COLUMNS, "latency_device", "search_s", "finetune_s", "train_s",
            "macs_before_landing", "landing_moved_channels", "landing_moved_share", "widths"]
-TRANSLATION_COLUMNS = ("psnr", "val_l1")  # a generator's quality (pas.translation)
 TEXT_COLUMNS = ("model", "method", "backbone", "latency_device", "widths")
 # Whole numbers: the CSV writes them without a decimal point, and an empty cell where there is none.
 COUNT_COLUMNS = ("seed", "target_macs", "latency_table_batch", "macs", "macs_ptflops", "params",
@@ -46,7 +47,7 @@ DISPLAY = {"model": "model", "method": "method", "seed": "seed", "backbone": "ba
 LEFT_ALIGNED = ("model", "method", "backbone")
 METHOD_ORDER = ("pas", *BASELINES, *REFERENCE_METHODS)
 _LATENCY = re.compile(r"latency_ms_(?P<device>[a-z]+)_b(?P<batch>\d+)$")
-_EVAL_KEYS = ("macs", "params", "top1", "top5")
+_EVAL_KEYS = ("macs", "params")  # and top1/top5 (a classifier's) or a task's columns
 
 
 def parse_spec(text: str, *, what: str, keys: tuple[str, ...], value: str = "PATH") -> dict[str, str]:
@@ -101,15 +102,16 @@ def eval_row(ev: dict, source: str, *, target_macs=None, search_s=None, finetune
     tags, with pas latency's values of the network) and the target and wall times of the stages
     before it; `source` names it in errors."""
     missing = [k for k in _EVAL_KEYS if k not in ev]
+    if "top1" not in ev and not any(k in ev for k in TASK_COLUMNS):
+        missing.append("top1")
     if missing:
         raise PasError(f"{source} has no {missing[0]!r}; expected the values of pas evaluate")
     device = latency_device(ev)
     seed = ev.get("seed")
     row = {"model": ev["variant"], "method": ev.get("method", ""), "seed": None if seed is None else int(seed),
            "backbone": ev.get("backbone", ""), "macs": ev["macs"], "macs_ptflops": ev.get("macs_ptflops"),
-           "params": ev["params"], "top1": ev["top1"], "top5": ev["top5"], "latency_device": device,
-           # a translation's quality (pas.translation)
-           **{k: ev[k] for k in TRANSLATION_COLUMNS if k in ev},
+           "params": ev["params"], "top1": ev.get("top1"), "top5": ev.get("top5"), "latency_device": device,
+           **{k: ev[k] for k in TASK_COLUMNS if k in ev},
            # a reference network (the full backbone, one trained from scratch) has no target
            "target_macs": None if ev.get("method") in REFERENCE_METHODS else target_macs,
            "search_s": search_s, "finetune_s": finetune_s, "train_s": train_s,
@@ -154,12 +156,12 @@ def landing_values(masks: dict) -> dict:
 
 def columns(names) -> list[str]:
     """COLUMNS with the latency/throughput columns of the measured batch sizes after the accuracy; a
-    translation's columns (TRANSLATION_COLUMNS) only where the rows have them."""
+    task's columns (TASK_COLUMNS) only where the rows have them."""
     kinds = ("latency_ms_b", "ort_latency_ms_b", "throughput_b")
     timed = sorted({k for k in names if k.startswith(kinds)},
                    key=lambda k: (int(k.rsplit("_b", 1)[1]), [k.startswith(x) for x in kinds].index(True)))
     names = set(names)
-    base = [c for c in COLUMNS if c not in TRANSLATION_COLUMNS or c in names]
+    base = [c for c in COLUMNS if c not in TASK_COLUMNS or c in names]
     i = base.index("latency_device")
     return base[:i] + timed + base[i:]
 
@@ -268,7 +270,7 @@ def _fmt(key: str, value) -> str:
     if key in ("target_macs", "macs", "macs_ptflops", "params"):
         v = float(value)
         return f"{v / 1e9:.3f}G" if v >= 1e9 else f"{v / 1e6:.3f}M" if v >= 1e6 else f"{v / 1e3:.1f}K"
-    if key in ("top1", "top5", "psnr"):
+    if key in ("top1", "top5", "psnr", "mask_ap", "mask_ap50", "box_ap", "box_ap50"):
         return f"{float(value):.2f}"
     if key == "val_l1":
         return f"{float(value):.4f}"
@@ -294,6 +296,10 @@ def _display_columns(frame: pd.DataFrame) -> dict[str, str]:
     shown.update({"search_s": "search s", "finetune_s": "fine-tune s", "train_s": "train s"})
     if "psnr" in frame:  # a translation's rows
         shown.update({"psnr": "PSNR dB", "val_l1": "L1"})
+    if "mask_ap" in frame:  # a segmentation's rows: COCO AP, no top-1
+        shown.update({"mask_ap": "mask AP", "mask_ap50": "mask AP50", "box_ap": "box AP", "box_ap50": "box AP50"})
+        if frame["top1"].isna().all():
+            del shown["top1"], shown["top5"]
     if frame["landing_moved_share"].notna().any():  # shown where a landing moved anything
         shown["landing_moved_share"] = "landing moved %"
     if frame["target_latency_ms"].notna().any():  # shown where a variant has a latency budget

@@ -214,15 +214,15 @@ def test_deployed_generator_and_its_metrics_agree_with_onnxruntime(stages):
     assert np.abs(grid[28:56].astype(int) - row).max() <= 1
 
 
-def test_translation_samples_figure_and_its_bad_input(stages, tmp_path):
+def test_samples_figure_and_its_bad_input(stages, tmp_path):
     png = stages / "eval" / "samples.png"
-    r = _pas("translation-samples", "--model", f"PaS={png}", "--model", f"again={png}", "--out", tmp_path / "t.png")
+    r = _pas("samples", "--model", f"PaS={png}", "--model", f"again={png}", "--out", tmp_path / "t.png")
     assert r.returncode == 0, r.stderr
     from PIL import Image
     assert Image.open(tmp_path / "t.png").size[0] > 100
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    r = _pas("translation-samples", "--model", f"PaS={bad}", "--out", tmp_path / "u.png")
+    r = _pas("samples", "--model", f"PaS={bad}", "--out", tmp_path / "u.png")
     assert r.returncode == 2 and "cannot be read" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "u.png").exists()
 
@@ -234,3 +234,35 @@ def test_translation_stage_refuses_a_classifier_backbone_and_another_dataset(tmp
     r = _pas("pretrain", "--set", "task=translate", "--out-weights", tmp_path / "w.pt", "--out-metrics", tmp_path / "m.json")
     assert r.returncode == 2 and "'task' must be one of classification, translation" in r.stderr
     assert not (tmp_path / "w.pt").exists()
+
+
+# -- the workflow: config/test_translation.yaml's whole DAG ---------------------------------------------
+
+@pytest.mark.slow
+def test_translation_workflow_runs_end_to_end(tmp_path):
+    import csv
+
+    from tests.test_workflow import ROOT, snakemake
+    result = snakemake(tmp_path, "--configfile", str(ROOT / "config" / "test_translation.yaml"), "--cores", "2",
+                       timeout=1200)
+    if result.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-1500:]}" for p in tmp_path.glob("results/**/logs/*.log"))
+        pytest.fail(f"translation run failed (rc {result.returncode}):\n{result.stderr[-3000:]}\n{logs[-5000:]}")
+    with open(tmp_path / "results" / "tables" / "main.csv", newline="") as f:
+        rows = {(r["method"], r["model"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {("pas", "PaS-G50"), ("uniform", "uniform@PaS-G50"), ("l1", "l1@PaS-G50"),
+                         ("full", "resnet_generator_mini")}
+    full = arch_for("resnet_generator_mini", num_classes=1, in_channels=1, resolution=28).macs()
+    for (method, model), r in rows.items():
+        assert int(r["macs"]) == int(r["macs_ptflops"]), model  # the compact generator, counted by ptflops
+        if method != "full":
+            assert 0.99 * full / 2 <= int(r["macs"]) <= full / 2, model
+        assert 0 <= float(r["top1"]) <= 100 and 0 < float(r["val_l1"]) < 1 and float(r["psnr"]) > 0
+        ev = json.loads((tmp_path / "results" / "seed0" / "models" / method / model.split("@")[-1] /
+                         "eval.json").read_text())
+        assert float(r["psnr"]) == pytest.approx(ev["psnr"]) and float(r["top1"]) == pytest.approx(ev["top1"])
+    md = (tmp_path / "results" / "tables" / "main.md").read_text()
+    assert "PSNR dB" in md and "L1" in md
+    from PIL import Image
+    figure = Image.open(tmp_path / "results" / "plots" / "samples.png")
+    assert figure.size[1] > figure.size[0] / 8  # six rows: contours, four generators, silhouettes

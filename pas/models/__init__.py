@@ -96,8 +96,21 @@ def _generator(filters: int, blocks: int, separable: bool) -> Builder:
     return build
 
 
+# Instance segmentation: a small YOLACT for the composed 64x64 scenes (pas.segmentation).
+DETECTORS = ("yolact_mini",)
+
+
+def _yolact(*, in_channels, num_classes, resolution):
+    from pas.models.yolact import STRIDES, Yolact, YolactSpec
+    if resolution % (2 * STRIDES[-1]):
+        raise PasError(f"resolution {resolution} does not suit yolact_mini: its FPN up-samples stride "
+                       f"{STRIDES[-1]} twice; expected a multiple of {2 * STRIDES[-1]}")
+    return Yolact(YolactSpec(in_channels=in_channels, num_classes=num_classes, resolution=resolution))
+
+
 REGISTRY: dict[str, Builder] = {
     **{name: _generator(*spec) for name, spec in GENERATORS.items()},
+    "yolact_mini": _yolact,
     **{f"repvgg_{v}": _repvgg(v) for v in MULTIPLIERS},
     "repvgg_b1g2": _repvgg("b1", 2), "repvgg_b1g4": _repvgg("b1", 4), "repvgg_b2g4": _repvgg("b2", 4),
     **{f"repvgg_{v}_mini": _repvgg(v, mini=True) for v in ("a0", "a1", "b0", "b1")},
@@ -126,6 +139,8 @@ def family_of(name: str) -> str:
         return "custom"
     if name in GENERATORS:
         return "generator"
+    if name in DETECTORS:
+        return "yolact"
     return next((f for f in ("repvgg", "mobilenetv2", "resnet") if name.startswith(f)), "custom")
 
 

@@ -52,6 +52,8 @@ def dataset_shape(cfg):
     d = cfg["dataset"]
     if d["name"] in DATASET_SHAPES:
         channels, classes, side = DATASET_SHAPES[d["name"]]
+        if cfg["task"] == "segmentation":  # scenes composed of the images
+            return channels, classes, cfg["segmentation"]["canvas"]
         return channels, classes, d["resize"] or side
     train = Path(str(d["root"])) / "train"
     if d["root"] is None or not train.is_dir() or d["resize"] is None:
@@ -98,6 +100,8 @@ def check_config(cfg):
             config_error(f"{key}.target", f"{v['name']} on {v['backbone']}: {e}")
     if cfg["task"] == "translation":
         check_translation(cfg)
+    if cfg["task"] == "segmentation":
+        check_segmentation(cfg)
     scratch = cfg["references"]["scratch"]
     for i, name in enumerate(scratch):
         if not pas.models.is_backbone(name):
@@ -130,6 +134,19 @@ def check_translation(cfg):
         if b == "bn_gamma":
             config_error("baselines.methods", "bn_gamma ranks BatchNorm scales; a generator has instance norms "
                                               "without them: expected uniform and/or l1")
+
+
+def check_segmentation(cfg):
+    """A segmentation run: YOLACT backbones, scenes composed of the embedded silhouettes, no scratch rows."""
+    if cfg["dataset"]["name"] != "animal_mnist":
+        config_error("dataset.name", f"task segmentation composes its scenes from animal_mnist; got "
+                                     f"{cfg['dataset']['name']!r}")
+    for i, v in enumerate(cfg["variants"]):
+        if pas.models.family_of(v["backbone"]) != "yolact":
+            config_error(f"variants[{i}].backbone", f"{v['backbone']!r} is not an instance-segmentation network; "
+                                                    f"task segmentation expects one of {', '.join(pas.models.DETECTORS)}")
+    if cfg["references"]["scratch"]:
+        config_error("references.scratch", "task segmentation has no scratch rows; expected []")
 
 
 def check_data_paths(cfg):

@@ -171,7 +171,12 @@ def common_slice(backbone, tags):
     training = {k: v for k, v in config["training"].items() if k != "seeds"}
     tracking = {k: v for k, v in config["tracking"].items() if k != "mode"}
     tracking["enabled"] = tracking_is_direct()
-    task = {"task": "translation", "translation": translation_losses()} if is_translation() else {}
+    # classification is the stages' default: its jobs' flags (and so their results) stay as they were
+    task = {"task": config["task"]} if config["task"] != "classification" else {}
+    if is_translation():
+        task["translation"] = translation_losses()
+    elif config["task"] == "segmentation":
+        task["segmentation"] = config["segmentation"]
     return {"backbone": backbone, **training, "seed": int(tags["seed"]), "progress": False,
             "dataset": dataset_slice(), "tracking": tracking, "tags": tags, **task}
 
@@ -205,6 +210,10 @@ def classifier_flags(wildcards=None):
     common.pop("translation", None)
     return set_flags({**common, "task": "classification", "epochs": c["epochs"], "batch_size": c["batch_size"],
                       "optim": {"lr": c["lr"]}})
+
+
+# the first and last rows of the samples figure (rule samples), per task
+SAMPLE_LABELS = {"translation": "contour silhouette", "segmentation": "scene truth"}
 
 
 def samples_inputs(wildcards=None):

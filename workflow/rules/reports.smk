@@ -53,24 +53,25 @@ rule plots:
         "--out-dir $(dirname {output.widths}) > {log} 2>&1"
 
 
-rule translation_samples:
-    """Task translation: the first seed's sample translations of every row, with the contours they
-    translate and the true silhouettes."""
+rule samples:
+    """Tasks translation and segmentation: the first seed's samples of every row (translations; predicted
+    masks), with the inputs and the truth."""
     input:
         samples_inputs,
     output:
-        png=report("results/plots/translations.png", caption="../report/translations.rst", category="Figures"),
+        png=report("results/plots/samples.png", caption="../report/samples.rst", category="Figures"),
     log:
-        "results/plots/logs/translations.log",
+        "results/plots/logs/samples.log",
     params:
         models=samples_flags,
+        labels=lambda wildcards: SAMPLE_LABELS[config["task"]],
     threads: 1
     resources:
         **LIGHT_RESOURCES,
     conda:
         PAS_ENV
     shell:
-        "pas translation-samples {params.models} --out {output.png} > {log} 2>&1"
+        "pas samples {params.models} --labels {params.labels} --out {output.png} > {log} 2>&1"
 
 
 rule evidence:
@@ -115,7 +116,7 @@ rule tracking_ingest:
     machine, once everything is done; run again (--forcerun) to rebuild a deleted store."""
     input:
         rules.tables.output,
-        rules.evidence.output,
+        rules.evidence.output if config["task"] != "segmentation" else [],
     output:
         marker="results/mlflow/ingested.txt",
     log:

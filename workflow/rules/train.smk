@@ -173,8 +173,9 @@ rule evaluate:
         weights="results/seed{seed}/models/{method}/{model}/deploy/model.safetensors",
     output:
         result="results/seed{seed}/models/{method}/{model}/eval.json",
-        # task translation: the first validation contours, their translations, the true silhouettes
-        **({"samples": "results/seed{seed}/models/{method}/{model}/samples.png"} if is_translation() else {}),
+        # tasks translation and segmentation: the first validation inputs, the outputs, the truth
+        **({"samples": "results/seed{seed}/models/{method}/{model}/samples.png"}
+           if config["task"] != "classification" else {}),
     log:
         "results/seed{seed}/models/{method}/{model}/logs/evaluate.log",
     benchmark:
