@@ -47,6 +47,7 @@ localrules:
     evidence,
     tracking_ingest,
     samples,
+    scenes,
 
 
 onstart:

@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--in-channels", type=int, default=3)
     info.set_defaults(func=_info)
 
-    from pas import datacheck, evidence, latency, latency_table, plots, stages, tables
+    from pas import datacheck, evidence, latency, latency_table, plots, segmentation, stages, tables
     stages.add_subcommands(sub)
     plots.add_samples_subcommand(sub)
+    segmentation.add_subcommand(sub)
     latency.add_subcommand(sub)
     latency_table.add_subcommand(sub)
     datacheck.add_subcommand(sub)

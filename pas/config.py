@@ -91,6 +91,8 @@ SCHEMA: dict = {
         "canvas": (int, 64, "side of the composed scenes (a multiple of 32)"),
         "train_scenes": (int, 1000, "training scenes, composed from the training split's silhouettes"),
         "val_scenes": (int, 200, "validation scenes, from the validation split's silhouettes"),
+        "val_set": ((str, type(None)), None, "a COCO folder (pas scenes) evaluate measures on instead of the "
+                                             "composed validation scenes"),
     },
     "tracking": {
         "enabled": (bool, True, "log to MLflow (plain files are always written)"),

@@ -519,6 +519,12 @@ class SceneLoader:
         self.images, self.targets, self.batch_size = normalise(scenes.images), targets_of(scenes), batch_size
         self.scenes = scenes
         self.order = epoch_indices(len(scenes), shuffle=shuffle, seed=seed, epoch=epoch, drop_last=shuffle)
+        self.image_ids = [int(i) + 1 for i in self.order]  # coco_dict's ids
+
+    @property
+    def coco(self) -> dict:
+        from pas.data import ANIMAL_MNIST_CLASSES
+        return coco_dict(self.scenes, list(ANIMAL_MNIST_CLASSES))
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
@@ -530,21 +536,80 @@ class SceneLoader:
 
 
 @torch.no_grad()
-def segmentation_metrics(model: nn.Module, loader: SceneLoader, spec) -> dict:
-    """COCO mask and box AP and AP50 (%) of the model's detections on the loader's scenes."""
+def segmentation_metrics(model: nn.Module, loader, spec) -> dict:
+    """COCO mask and box AP and AP50 (%) of the model's detections on the loader's images, against its
+    ground truth (`loader.coco`; `loader.image_ids` in the loader's order)."""
     was = model.training
     model.eval()
     anchors = anchor_boxes(spec)
+    ids = iter(loader.image_ids)
     detections = []
     for images, _ in loader:
-        start = len(detections)
-        for j, det in enumerate(postprocess(model(images), spec, anchors)):
-            image_id = int(loader.order[start + j]) + 1
-            detections.append(detections_from_masks(image_id, det["masks"].numpy(), det["labels"].numpy(),
-                                                    det["scores"].numpy()))
+        for det in postprocess(model(images), spec, anchors):
+            detections += detections_from_masks(next(ids), det["masks"].numpy(), det["labels"].numpy(),
+                                                det["scores"].numpy())
     model.train(was)
-    from pas.data import ANIMAL_MNIST_CLASSES
-    return coco_evaluate(coco_dict(loader.scenes, list(ANIMAL_MNIST_CLASSES)), [d for per in detections for d in per])
+    return coco_evaluate(loader.coco, detections)
+
+
+def write_scene_set(folder: str | Path, scenes: Scenes, classes: list[str]) -> None:
+    """`folder/annotations.json` (COCO) and `folder/images/NNNNNN.png` (8-bit grayscale, the COCO
+    file names), written whole or not at all."""
+    import shutil
+    import tempfile
+
+    from PIL import Image
+
+    from pas.io import chmod_default
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    chmod_default(tmp, directory=True)
+    try:
+        coco = coco_dict(scenes, classes)
+        (tmp / "images").mkdir()
+        for entry, image in zip(coco["images"], scenes.images):
+            pixels = (image[0] * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(tmp / "images" / entry["file_name"], format="PNG")
+        atomic_write_json(tmp / "annotations.json", coco)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class CocoLoader:
+    """Evaluation batches of a scene folder (write_scene_set's, or any COCO folder of gray
+    `canvas` x `canvas` images with RLE masks): (normalised images, None), image ids in `image_ids`."""
+
+    def __init__(self, folder: str | Path, *, canvas: int, batch_size: int = 64):
+        from PIL import Image
+        folder = Path(folder)
+        self.coco = read_coco(folder / "annotations.json", canvas=canvas)
+        entries = sorted(self.coco["images"], key=lambda e: e["id"])
+        images = []
+        for e in entries:
+            path = folder / "images" / str(e.get("file_name", ""))
+            try:
+                with Image.open(path) as img:
+                    gray = np.asarray(img.convert("L"), dtype=np.float32) / 255
+            except (OSError, ValueError) as err:
+                raise PasError(f"{path}: image {e['id']} cannot be read ({err}); expected a PNG of the scene") from None
+            if gray.shape != (canvas, canvas):
+                raise PasError(f"{path}: image {e['id']} is {gray.shape[1]}x{gray.shape[0]}: expected {canvas}x{canvas}")
+            images.append(gray)
+        self.images = normalise(torch.from_numpy(np.stack(images))[:, None])
+        self.image_ids = [e["id"] for e in entries]
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def __iter__(self):
+        for b in range(len(self)):
+            yield self.images[b * self.batch_size:(b + 1) * self.batch_size], None
 
 
 class SegmentationTrainer(Trainer):
@@ -624,3 +689,22 @@ def save_samples(model: nn.Module, scenes: Scenes, path) -> None:
     from pas.io import atomic_path
     with atomic_path(path) as tmp:
         Image.fromarray(sample_grid(model, scenes)).save(tmp, format="PNG")
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("scenes", help="write composed scenes as a COCO folder (annotations.json, images/)")
+    p.add_argument("--split", choices=("train", "val"), default="val", help="whose silhouettes compose them")
+    p.add_argument("--count", type=int, required=True, help="number of scenes")
+    p.add_argument("--canvas", type=int, default=64, help="side in pixels")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="dataset.val_fraction of the run")
+    p.add_argument("--split-seed", type=int, default=0, help="dataset.split_seed of the run (also the scenes' seed)")
+    p.add_argument("--out-dir", required=True, help="the folder to write (replaced whole)")
+
+    def run(args) -> int:
+        from pas.data import ANIMAL_MNIST_CLASSES
+        _check_positive("--count", args.count)
+        scenes = scenes_from_dataset(args.split, count=args.count, canvas=args.canvas, val_fraction=args.val_fraction,
+                                     split_seed=args.split_seed, seed=args.split_seed)
+        write_scene_set(args.out_dir, scenes, list(ANIMAL_MNIST_CLASSES))
+        return 0
+    p.set_defaults(func=run)

@@ -555,7 +555,7 @@ def evaluate(cfg: dict, *, arch: str, weights: str, out: str) -> dict:
     if _is_translation(cfg):
         quality, extra = _translation_quality(cfg, val_loader, info, out)
     elif cfg["task"] == "segmentation":
-        quality = _segmentation_quality(val_loader, out)
+        quality = _segmentation_quality(cfg, val_loader, out)
     result = evaluate_deployed(model, val_loader, batch_sizes=e["batch_sizes"], repeats=e["repeats"],
                                warmup=e["warmup"], threads=e["threads"], quality=quality)
     result.update(**extra)
@@ -592,13 +592,16 @@ def _translation_quality(cfg, val_loader, info, out):
     return quality, extra
 
 
-def _segmentation_quality(val_loader, out):
-    """COCO mask and box AP of a deployed YOLACT, and its predicted masks (samples.png beside `out`)."""
-    from pas.segmentation import save_samples, segmentation_metrics
+def _segmentation_quality(cfg, val_loader, out):
+    """COCO mask and box AP of a deployed YOLACT (on segmentation.val_set's COCO folder when given),
+    and its predicted masks (samples.png beside `out`)."""
+    from pas.segmentation import CocoLoader, save_samples, segmentation_metrics
+    s = cfg["segmentation"]
+    loader = CocoLoader(s["val_set"], canvas=s["canvas"]) if s["val_set"] else val_loader
 
     def quality(model):
         save_samples(model, val_loader.scenes, Path(out).with_name("samples.png"))
-        return segmentation_metrics(model, val_loader, model.spec)
+        return segmentation_metrics(model, loader, model.spec)
     return quality
 
 

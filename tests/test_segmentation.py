@@ -155,3 +155,30 @@ def test_segmentation_workflow_runs_end_to_end(tmp_path):
     assert segmentation_metrics(model, loader, model.spec)["mask_ap"] == pytest.approx(ev["mask_ap"])
     from PIL import Image
     assert Image.open(tmp_path / "results" / "plots" / "samples.png").size[0] > 100
+
+
+def test_scene_folder_round_trips_and_refuses_a_wrong_image(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from pas.segmentation import CocoLoader, coco_dict, normalise
+    from pas.errors import PasError
+    r = subprocess.run([sys.executable, "-m", "pas.cli", "scenes", "--count", "6", "--out-dir", str(tmp_path / "val")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    scenes = scenes_from_dataset("val", count=6)
+    loader = CocoLoader(tmp_path / "val", canvas=64)
+    assert loader.coco == json.loads(json.dumps(coco_dict(scenes, loader_classes())))
+    assert (loader.images - normalise(scenes.images)).abs().max() <= 2 / 255 / 2 + 1e-6  # 8-bit PNG levels
+    with pytest.raises(PasError, match="image 1 is 64x64 \\(width x height\\): expected 32x32"):
+        CocoLoader(tmp_path / "val", canvas=32)
+    Image.new("L", (60, 64)).save(tmp_path / "val" / "images" / "000003.png")
+    with pytest.raises(PasError, match="image 3 is 60x64: expected 64x64"):
+        CocoLoader(tmp_path / "val", canvas=64)
+
+
+def loader_classes():
+    from pas.data import ANIMAL_MNIST_CLASSES
+    return list(ANIMAL_MNIST_CLASSES)

@@ -212,6 +212,23 @@ def classifier_flags(wildcards=None):
                       "optim": {"lr": c["lr"]}})
 
 
+# -- the segmentation task (task: segmentation) --------------------------------------------------
+
+SCENES = f"{RESULTS}/data/scenes/val"
+
+
+def val_scenes(wildcards=None):
+    """The validation scenes as a COCO folder (rule scenes): an input of every evaluation of a
+    segmentation run, nothing otherwise."""
+    return SCENES if config["task"] == "segmentation" else []
+
+
+def scenes_flags(wildcards=None):
+    d, s = config["dataset"], config["segmentation"]
+    return shlex.join(["--split", "val", "--count", str(s["val_scenes"]), "--canvas", str(s["canvas"]),
+                       "--val-fraction", str(d["val_fraction"]), "--split-seed", str(d["split_seed"])])
+
+
 # the first and last rows of the samples figure (rule samples), per task
 SAMPLE_LABELS = {"translation": "contour silhouette", "segmentation": "scene truth"}
 
@@ -373,6 +390,8 @@ def evaluate_flags(wildcards):
     if is_translation():
         stage["translation"].update(classifier=classifier_weights(),
                                     classifier_backbone=config["translation"]["classifier"]["backbone"])
+    if config["task"] == "segmentation":
+        stage["segmentation"] = {**stage["segmentation"], "val_set": SCENES}
     return set_flags(stage)
 
 

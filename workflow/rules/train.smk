@@ -163,12 +163,32 @@ rule classifier:
         "--out-weights {output.weights} --out-metrics {output.metrics} > {log} 2>&1"
 
 
+rule scenes:
+    """Task segmentation: the validation scenes as a COCO folder (annotations.json, images/), what every
+    evaluation measures COCO AP on."""
+    output:
+        directory(SCENES),
+    log:
+        "results/data/logs/scenes.log",
+    params:
+        scenes=scenes_flags,
+    threads: 1
+    resources:
+        **LIGHT_RESOURCES,
+    conda:
+        PAS_ENV
+    shell:
+        "pas scenes {params.scenes} --out-dir {output} > {log} 2>&1"
+
+
 rule evaluate:
     """Top-1/top-5, MACs (analytic and ptflops), params, latency and throughput of the plain network;
-    a generator's L1, PSNR and the classifier's top-1 on its translations, and samples.png."""
+    a generator's L1, PSNR and the classifier's top-1 on its translations; a YOLACT's COCO AP on the
+    scene folder; samples.png for both."""
     input:
         tracking=tracking_marker,
         classifier=classifier_weights,
+        scenes=val_scenes,
         arch="results/seed{seed}/models/{method}/{model}/deploy/arch.json",
         weights="results/seed{seed}/models/{method}/{model}/deploy/model.safetensors",
     output:
