@@ -416,7 +416,7 @@ def samples_figure(samples: dict[str, str], out, *, labels=("input", "truth")) -
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=str(out).rsplit(".", 1)[-1], dpi=150)
+        fig.savefig(tmp, format=str(out).rsplit(".", 1)[-1], dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -197,7 +197,7 @@ def classifier_dir():
 
 
 def classifier_weights(wildcards=None):
-    """The classifier that judges translations (rule classifier): an input of every evaluation of a
+    """The classifier that judges translations (the classifier job): an input of every evaluation of a
     translation run, nothing otherwise."""
     return f"{classifier_dir()}/weights.pt" if is_translation() else []
 
@@ -218,7 +218,7 @@ SCENES = f"{RESULTS}/data/scenes/val"
 
 
 def val_scenes(wildcards=None):
-    """The validation scenes as a COCO folder (rule scenes): an input of every evaluation of a
+    """The validation scenes as a COCO folder (the scenes job): an input of every evaluation of a
     segmentation run, nothing otherwise."""
     return SCENES if config["task"] == "segmentation" else []
 
@@ -229,7 +229,7 @@ def scenes_flags(wildcards=None):
                        "--val-fraction", str(d["val_fraction"]), "--split-seed", str(d["split_seed"])])
 
 
-# the first and last rows of the samples figure (rule samples), per task
+# the first and last rows of the samples figure (the samples job), per task
 SAMPLE_LABELS = {"translation": "contour silhouette", "segmentation": "scene truth"}
 
 
