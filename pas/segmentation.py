@@ -30,6 +30,14 @@ data and its metric offline, from the package's own animal-mnist silhouettes:
   otherwise be an assertion deep in pycocotools or a silently wrong AP -- a scene without
   instances, a mask of another size than its image, an image of another size than expected --
   into a one-line :class:`PasError` naming the image id.
+
+Training and measuring a YOLACT network (`pas.models.yolact`) on the scenes: anchors at three FPN
+levels matched to the instances by IoU (YOLACT's 0.5/0.4), a focal loss on the classes (RetinaNet's,
+in place of YOLACT's OHEM: simpler, no background class), smooth-L1 on SSD-encoded boxes, the
+assembled masks' BCE inside their boxes; decoding by class-wise NMS; `SegmentationTrainer` is the
+engine's Trainer with that loss and COCO AP as its validation, so PaS's search, the baselines and
+fine-tuning run on it unchanged. `write_scene_set`/`CocoLoader`: the validation scenes as a COCO
+folder (annotations.json, images/*.png) that evaluation reads.
 """
 from __future__ import annotations
 
@@ -52,6 +60,8 @@ from pas.io import atomic_write_json, read_json
 __all__ = [
     "MIN_VISIBLE_AREA", "MAX_ATTEMPTS", "Instance", "Scenes", "compose_scenes", "scenes_from_dataset",
     "coco_dict", "write_coco", "read_coco", "validate_coco", "detections_from_masks", "coco_evaluate",
+    "anchor_boxes", "encode_boxes", "decode_boxes", "match_anchors", "yolact_loss", "postprocess", "targets_of",
+    "SceneLoader", "CocoLoader", "write_scene_set", "segmentation_metrics", "SegmentationTrainer", "save_samples",
 ]
 
 MIN_VISIBLE_AREA = 20  # an instance with fewer visible pixels is dropped (and not drawn)
