@@ -749,7 +749,7 @@ def test_readme_mlflow_ui_binds_loopback_only():
 # every value with shlex.quote (set_flags, pretrain_import, table_flags, history_flags,
 # evidence_flags, latency_flags; checked with hostile values below).
 SAFE_PLACEHOLDER = re.compile(r"^(input\.\w+|output\.\w+|log|threads|resources\.(nproc_per_node|threads_per_rank)|params\.\w+:q|"
-                              r"params\.(stage|checkpoint|rows|histories|runs|seed|epochs|models|table))$")
+                              r"params\.(stage|checkpoint|rows|histories|runs|seed|epochs|models|table|scenes))$")
 
 
 def test_rule_shell_commands_quote_config_derived_strings():

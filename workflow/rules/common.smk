@@ -224,6 +224,7 @@ def val_scenes(wildcards=None):
 
 
 def scenes_flags(wildcards=None):
+    """pas scenes' options for the run's validation scenes, each shell-quoted."""
     d, s = config["dataset"], config["segmentation"]
     return shlex.join(["--split", "val", "--count", str(s["val_scenes"]), "--canvas", str(s["canvas"]),
                        "--val-fraction", str(d["val_fraction"]), "--split-seed", str(d["split_seed"])])
@@ -239,8 +240,10 @@ def samples_inputs(wildcards=None):
 
 
 def samples_flags(wildcards=None):
+    """Every row's samples.png and the labels of the first and last rows, each shell-quoted."""
     names = [tags_for(m, model, seeds()[0])["variant"] for m, model in models()]
-    return " ".join(f"--model {shlex.quote(f'{name}={path}')}" for name, path in zip(names, samples_inputs()))
+    flags = [f"--model {shlex.quote(f'{name}={path}')}" for name, path in zip(names, samples_inputs())]
+    return " ".join(flags + [f"--labels {shlex.join(SAMPLE_LABELS[config['task']].split())}"])
 
 
 def check_data_flags(wildcards=None):

@@ -64,14 +64,13 @@ rule samples:
         "results/plots/logs/samples.log",
     params:
         models=samples_flags,
-        labels=lambda wildcards: SAMPLE_LABELS[config["task"]],
     threads: 1
     resources:
         **LIGHT_RESOURCES,
     conda:
         PAS_ENV
     shell:
-        "pas samples {params.models} --labels {params.labels} --out {output.png} > {log} 2>&1"
+        "pas samples {params.models} --out {output.png} > {log} 2>&1"
 
 
 rule evidence:

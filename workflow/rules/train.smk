@@ -167,7 +167,7 @@ rule scenes:
     """Task segmentation: the validation scenes as a COCO folder (annotations.json, images/), what every
     evaluation measures COCO AP on."""
     output:
-        directory(SCENES),
+        scenes=directory(SCENES),
     log:
         "results/data/logs/scenes.log",
     params:
@@ -178,7 +178,7 @@ rule scenes:
     conda:
         PAS_ENV
     shell:
-        "pas scenes {params.scenes} --out-dir {output} > {log} 2>&1"
+        "pas scenes {params.scenes} --out-dir {output.scenes} > {log} 2>&1"
 
 
 rule evaluate:
