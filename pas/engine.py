@@ -212,13 +212,7 @@ class Trainer:
             with torch.autocast(self.world.device.type, enabled=self.amp):
                 out = self.net(x)
                 loss = nn.functional.cross_entropy(out, y)
-            total = loss
-            if self.penalty is not None:
-                extra, macs = self.penalty(self.model)
-                total = loss + extra
-            if not torch.isfinite(total):
-                raise PasError(f"loss became {float(total.detach())} at epoch {epoch + 1} step {step + 1} "
-                               f"(lr {lr:g}); expected a finite loss: lower the learning rate")
+            total, macs = self.penalised(loss, epoch, step, lr, macs)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
@@ -228,7 +222,25 @@ class Trainer:
             correct += accuracy(out.detach(), y, ks=(1,))[0]
             if self.on_step is not None and self.world.main:
                 self.on_step(epoch, step, macs)
-        row = {"loss": loss_sum / max(n, 1), "train_top1": 100 * correct / max(n, 1), "lr": lr}
+        return self.epoch_row({"loss": loss_sum, "train_top1": 100 * correct}, n, lr, macs)
+
+    def penalised(self, loss: torch.Tensor, epoch: int, step: int, lr: float, macs=None):
+        """The step's loss plus the search penalty (if any) and the penalty's MACs; a one-line error
+        for a loss that is not finite."""
+        total = loss
+        if self.penalty is not None:
+            extra, macs = self.penalty(self.model)
+            total = loss + extra
+        if not torch.isfinite(total):
+            raise PasError(f"loss became {float(total.detach())} at epoch {epoch + 1} step {step + 1} "
+                           f"(lr {lr:g}); expected a finite loss: lower the learning rate")
+        return total, macs
+
+    @staticmethod
+    def epoch_row(sums: dict, n: int, lr: float, macs) -> dict:
+        """An epoch's logged row: every sum over its n samples averaged, the last lr and gated MACs."""
+        row = {key: v / max(n, 1) for key, v in sums.items()}
+        row["lr"] = lr
         if macs is not None:
             row["macs"] = float(macs.detach())
         return row

@@ -643,13 +643,7 @@ class SegmentationTrainer(Trainer):
             for g in self.optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             loss, parts = yolact_loss(self.net(x.to(self.world.device)), targets, self.spec, self.anchors)
-            total = loss
-            if self.penalty is not None:
-                extra, macs = self.penalty(self.model)
-                total = loss + extra
-            if not torch.isfinite(total):
-                raise PasError(f"loss became {float(total.detach())} at epoch {epoch + 1} step {step + 1} "
-                               f"(lr {lr:g}); expected a finite loss: lower the learning rate")
+            total, macs = self.penalised(loss, epoch, step, lr, macs)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
@@ -660,11 +654,7 @@ class SegmentationTrainer(Trainer):
                 sums[f"loss_{name}"] += float(v.detach()) * k
             if self.on_step is not None and self.world.main:
                 self.on_step(epoch, step, macs)
-        row = {key: v / max(n, 1) for key, v in sums.items()}
-        row["lr"] = lr
-        if macs is not None:
-            row["macs"] = float(macs.detach())
-        return row
+        return self.epoch_row(sums, n, lr, macs)
 
 
 SAMPLES = 8  # validation scenes in each model's samples.png

@@ -259,13 +259,7 @@ class CycleGANTrainer(Trainer):
             cycle = F.l1_loss(m.f(fake_b), a) + F.l1_loss(m.g(fake_a), b)
             identity = F.l1_loss(m.g(b), b) + F.l1_loss(m.f(a), a)
             loss = gan + lc * cycle + lc * li * identity
-            total = loss
-            if self.penalty is not None:
-                extra, macs = self.penalty(m)
-                total = loss + extra
-            if not torch.isfinite(total):
-                raise PasError(f"loss became {float(total.detach())} at epoch {epoch + 1} step {step + 1} "
-                               f"(lr {lr:g}); expected a finite loss: lower the learning rate")
+            total, macs = self.penalised(loss, epoch, step, lr, macs)
             for k in ("generators", "gates"):
                 if k in self.optimizers:
                     self.optimizers[k].zero_grad(set_to_none=True)
@@ -287,11 +281,7 @@ class CycleGANTrainer(Trainer):
             sums["cycle_l1"] += float(cycle.detach()) * k
             if self.on_step is not None and self.world.main:
                 self.on_step(epoch, step, macs)
-        row = {key: v / max(n, 1) for key, v in sums.items()}
-        row["lr"] = lr
-        if macs is not None:
-            row["macs"] = float(macs.detach())
-        return row
+        return self.epoch_row(sums, n, lr, macs)
 
 
 SAMPLES = 8  # validation images in each model's samples.png
