@@ -1,8 +1,6 @@
 """The deployable artefact: architecture JSON + safetensors weights + ONNX, loadable without search code."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import torch
 from torch import nn
 
 from pas.errors import PasError
-from pas.io import atomic_write_json, chmod_default
+from pas.io import atomic_folder, atomic_write_json, chmod_default
 
 
 def export_onnx(model: nn.Module, path: str | Path) -> None:
@@ -40,11 +38,7 @@ def onnx_max_error(model: nn.Module, path: str | Path) -> float | None:
 def save_deployed(model: nn.Module, out_dir: str | Path, **extra) -> dict:
     """Write arch.json, model.safetensors, model.onnx and deploy.json into `out_dir`, all or nothing."""
     from safetensors.torch import save_file
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    chmod_default(tmp, directory=True)
-    try:
+    with atomic_folder(out_dir) as tmp:
         atomic_write_json(tmp / "arch.json", model.arch.to_dict())
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         chmod_default(tmp / "model.safetensors")
@@ -53,12 +47,6 @@ def save_deployed(model: nn.Module, out_dir: str | Path, **extra) -> dict:
                   "widths": model.arch.searchable_widths(),
                   "onnx_max_abs_err": onnx_max_error(model, tmp / "model.onnx"), **extra}
         atomic_write_json(tmp / "deploy.json", record)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

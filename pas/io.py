@@ -32,6 +32,25 @@ def atomic_path(path: str | Path):
         raise
 
 
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a temporary folder beside `path`; it replaces `path` (a folder, whatever it held) only if
+    the block succeeds, so a reader sees the old folder or the new one whole, never a mix."""
+    import shutil
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    chmod_default(tmp, directory=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

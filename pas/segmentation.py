@@ -565,29 +565,16 @@ def segmentation_metrics(model: nn.Module, loader, spec) -> dict:
 def write_scene_set(folder: str | Path, scenes: Scenes, classes: list[str]) -> None:
     """`folder/annotations.json` (COCO) and `folder/images/NNNNNN.png` (8-bit grayscale, the COCO
     file names), written whole or not at all."""
-    import shutil
-    import tempfile
-
     from PIL import Image
 
-    from pas.io import chmod_default
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    chmod_default(tmp, directory=True)
-    try:
+    from pas.io import atomic_folder
+    with atomic_folder(folder) as tmp:
         coco = coco_dict(scenes, classes)
         (tmp / "images").mkdir()
         for entry, image in zip(coco["images"], scenes.images):
             pixels = (image[0] * 255).round().to(torch.uint8).numpy()
             Image.fromarray(pixels, mode="L").save(tmp / "images" / entry["file_name"], format="PNG")
         atomic_write_json(tmp / "annotations.json", coco)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class CocoLoader:

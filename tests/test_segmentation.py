@@ -4,7 +4,6 @@ matching on a hand-computed case, an output built to reproduce the ground truth 
 COCO's evaluator, and config/test_segmentation.yaml's whole DAG: every row lands on the target
 (ptflops on the compact network), the deployed ONNX network gives the compact PyTorch network's
 output and the same COCO AP."""
-import csv
 import json
 
 import numpy as np
@@ -123,14 +122,9 @@ def test_segmentation_workflow_runs_end_to_end(tmp_path):
 
     from pas.deploy import load_deployed
     from pas.segmentation import SceneLoader, segmentation_metrics
-    from tests.test_workflow import ROOT, snakemake
-    result = snakemake(tmp_path, "--configfile", str(ROOT / "config" / "test_segmentation.yaml"), "--cores", "2",
-                       timeout=1200)
-    if result.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-1500:]}" for p in tmp_path.glob("results/**/logs/*.log"))
-        pytest.fail(f"segmentation run failed (rc {result.returncode}):\n{result.stderr[-3000:]}\n{logs[-5000:]}")
-    with open(tmp_path / "results" / "tables" / "main.csv", newline="") as f:
-        rows = {(r["method"], r["model"]): r for r in csv.DictReader(f)}
+    from tests.test_workflow import ROOT, main_table, run_whole_dag
+    run_whole_dag(tmp_path, ROOT / "config" / "test_segmentation.yaml", "segmentation")
+    rows = {(r["method"], r["model"]): r for r in main_table(tmp_path)}
     assert set(rows) == {("pas", "PaS-Y50"), ("uniform", "uniform@PaS-Y50"), ("bn_gamma", "bn_gamma@PaS-Y50"),
                          ("l1", "l1@PaS-Y50"), ("full", "yolact_mini")}
     full = arch_for("yolact_mini", **SHAPE).macs()

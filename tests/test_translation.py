@@ -240,16 +240,9 @@ def test_translation_stage_refuses_a_classifier_backbone_and_another_dataset(tmp
 
 @pytest.mark.slow
 def test_translation_workflow_runs_end_to_end(tmp_path):
-    import csv
-
-    from tests.test_workflow import ROOT, snakemake
-    result = snakemake(tmp_path, "--configfile", str(ROOT / "config" / "test_translation.yaml"), "--cores", "2",
-                       timeout=1200)
-    if result.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-1500:]}" for p in tmp_path.glob("results/**/logs/*.log"))
-        pytest.fail(f"translation run failed (rc {result.returncode}):\n{result.stderr[-3000:]}\n{logs[-5000:]}")
-    with open(tmp_path / "results" / "tables" / "main.csv", newline="") as f:
-        rows = {(r["method"], r["model"]): r for r in csv.DictReader(f)}
+    from tests.test_workflow import ROOT, main_table, run_whole_dag
+    run_whole_dag(tmp_path, ROOT / "config" / "test_translation.yaml", "translation")
+    rows = {(r["method"], r["model"]): r for r in main_table(tmp_path)}
     assert set(rows) == {("pas", "PaS-G50"), ("uniform", "uniform@PaS-G50"), ("l1", "l1@PaS-G50"),
                          ("full", "resnet_generator_mini")}
     full = arch_for("resnet_generator_mini", num_classes=1, in_channels=1, resolution=28).macs()

@@ -49,6 +49,20 @@ def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.Com
     return run_in_own_group(cmd, timeout=timeout, env=env, cwd=workdir)
 
 
+def run_whole_dag(workdir: Path, configfile: Path, what: str) -> None:
+    """A config's whole DAG run with 2 cores in `workdir`; a failure shows snakemake's and the jobs' logs."""
+    result = snakemake(workdir, "--configfile", str(configfile), "--cores", "2", timeout=1200)
+    if result.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-1500:]}" for p in workdir.glob("results/**/logs/*.log"))
+        pytest.fail(f"{what} run failed (rc {result.returncode}):\n{result.stderr[-4000:]}\n{logs[-6000:]}")
+
+
+def main_table(workdir: Path) -> list[dict]:
+    """The rows of a run's results/tables/main.csv."""
+    with open(workdir / "results" / "tables" / "main.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def shell_lines(result: subprocess.CompletedProcess) -> list[str]:
     """The lines of a `snakemake -n -p` run, each job's command without Snakemake's prefix."""
     return [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
@@ -101,19 +115,15 @@ def tiny_run(tmp_path_factory) -> Path:
     """The tiny config's whole DAG, run once with 2 cores; the working directory it ran in."""
     workdir = tmp_path_factory.mktemp("tiny_run")
     t0 = time.perf_counter()
-    result = snakemake(workdir, "--configfile", str(TINY), "--cores", "2", timeout=1200)
+    run_whole_dag(workdir, TINY, "tiny")
     wall = time.perf_counter() - t0
-    if result.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-1500:]}" for p in workdir.glob("results/**/logs/*.log"))
-        pytest.fail(f"tiny run failed (rc {result.returncode}):\n{result.stderr[-4000:]}\n{logs[-6000:]}")
     (workdir / "wall_seconds.txt").write_text(f"{wall:.1f}\n")
     return workdir
 
 
 @pytest.fixture(scope="module")
 def table(tiny_run) -> list[dict]:
-    with open(tiny_run / "results" / "tables" / "main.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    return main_table(tiny_run)
 
 
 # -- the tiny run's results ------------------------------------------------------------------
