@@ -1,17 +1,20 @@
 """RepVGG-B1 searched widths against RepVGG-A0/A1/B0 at the paper's scale (224 px), as deployed:
-are the networks of equal MACs equally fast, and does aligning the widths to 8 channels help?
+are the networks of equal MACs equally fast, does aligning the widths to 8 channels help, and how much
+of the MACs reduction from B1 turns into speed (pruning efficiency) at this scale?
 
 Latency depends on the architecture, not on trained weights, so no training is needed. Networks:
   - RepVGG-A0, A1, B0 (the family members whose MACs PaS-A/B/C match);
   - B1 at the A0/A1/B0 budgets with uniform widths, channel_multiple 1 and 8;
   - B1 with the widths the authors' snapshot published (~2.10 G conv MACs: pas-method.md), as
     published and landed on multiples of 8 at the same MACs (the fewest channels moved).
+  - RepVGG-B1 itself, the network every B1 row is pruned from.
 Every network is deployed (fused plain convs), exported to ONNX and timed with ONNX Runtime on the
 CPU (and PyTorch), at batch 1 and 32, all side by side in one process, rounds alternating between
-the networks (`pas.latency`). Prints one table: MACs, latency, and the latency relative to the
-family member of about the same MACs.
+the networks (`pas.latency`). Prints one table: MACs, latency, the latency relative to the family
+member of about the same MACs (`vs_member`), and each pruned B1's pruning efficiency: its speed-up
+over B1 divided by its MACs reduction (`efficiency`, 1 when latency falls as fast as the MACs).
 
-    python -m benchmarks.aligned_widths [--threads 2] [--rounds 5] [--batches 1 32]
+    python -m benchmarks.aligned_widths [--threads 2] [--rounds 5] [--batches 1 32] [--out rows.csv]
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from pas.pruners import uniform_masks
 SNAPSHOT_2_10G = [8, 20, 16, 15, 10, 49, 41, 36, 34, 39, 31,
                   125, 107, 102, 97, 106, 123, 127, 170, 196, 202, 232, 269, 315, 425, 475, 450, 2048]
 FAMILY = ("repvgg_a0", "repvgg_a1", "repvgg_b0")
+BACKBONE = "repvgg_b1"
 
 
 def deployed_b1(widths: list[int], folder: Path) -> Path:
@@ -62,7 +66,7 @@ def aligned(widths: list[int], multiple: int) -> list[int]:
 
 def networks(root: Path) -> dict[str, tuple[Path, int, str]]:
     """name -> (deployed folder, MACs, the family member it is compared with)."""
-    out = {}
+    out = {BACKBONE: (deployed_member(BACKBONE, root / BACKBONE), int(arch_for(BACKBONE).macs()), BACKBONE)}
     for name in FAMILY:
         out[name] = (deployed_member(name, root / name), int(arch_for(name).macs()), name)
     b1 = build("repvgg_b1").eval()
@@ -87,6 +91,7 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--runtimes", nargs="+", default=["onnxruntime", "pytorch"])
+    p.add_argument("--out", help="also write every measurement as CSV")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         nets = networks(Path(tmp))
@@ -98,10 +103,19 @@ def main(argv=None) -> pd.DataFrame:
     member_ms = rows.set_index(["model", "runtime", "batch"])["latency_ms"]
     rows["vs_member"] = [ms / member_ms[(m, rt, b)] for ms, m, rt, b in
                          zip(rows["latency_ms"], rows["member"], rows["runtime"], rows["batch"])]
-    table = rows.pivot_table(index=["model", "macs_G", "member"], columns=["runtime", "batch"],
-                             values=["latency_ms", "vs_member"])
+    b1_ms = {(rt, b): ms for m, rt, b, ms in zip(rows["model"], rows["runtime"], rows["batch"], rows["latency_ms"])
+             if m == BACKBONE}
+    b1_macs = nets[BACKBONE][1] / 1e9
+    rows["efficiency"] = [(b1_ms[(rt, b)] / ms) / (b1_macs / g) if m.startswith("B1 ") else float("nan")
+                          for m, rt, b, ms, g in zip(rows["model"], rows["runtime"], rows["batch"],
+                                                     rows["latency_ms"], rows["macs_G"])]
     print(f"machine: {result['machine']['cpu']}, {a.threads} threads; {a.rounds} rounds (median)")
-    print(table.round(3).to_markdown())
+    for value in ("latency_ms", "vs_member", "efficiency"):
+        table = rows.set_index(["model", "macs_G", "member", "runtime", "batch"])[value].unstack(["runtime", "batch"])
+        print(f"\n{value}\n{table.round(3).to_markdown()}")
+    if a.out:
+        from pas.io import atomic_write_text
+        atomic_write_text(a.out, rows.to_csv(index=False))
     return rows
 
 

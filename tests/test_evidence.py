@@ -326,3 +326,36 @@ def test_rounding_cost_pairs_each_variant_with_its_x8_partner(tmp_path, capsys):
     assert row["x1 top-1"] == "94.00" and row["x8 top-1"] == "92.33"
     assert row["landing moved % (x1 / x8)"] == "2.0 / 6.0"
     assert "All targets pooled (3 pairs): x8 − x1 -1.67 [-5.46, +2.13] within noise" in capsys.readouterr().out
+
+
+def test_latency_search_pairs_each_variant_with_its_latency_partner(tmp_path, capsys):
+    """benchmarks/latency_search.py on a table of config/latency.yaml's shape over 2 seeds: the budget
+    share from the table's full latency, each row's latency measured as a share of its full backbone
+    in the same job, latency minus MACs top-1 paired by seed; hand-computed."""
+    import json
+
+    from benchmarks.latency_search import main
+    rows = []
+    # full 4.0 and 5.0 ms; MACs search 3.0 and 4.0 ms (shares 0.75, 0.80); latency search 2.6 and 4.4
+    # (shares 0.65, 0.88); top-1 MACs 92, 93, latency 93, 93 (differences 1, 0)
+    for s, (full, mine, theirs, top_mine, top_theirs) in enumerate([(4.0, 3.0, 2.6, 92, 93), (5.0, 4.0, 4.4, 93, 93)]):
+        common = {"seed": s, "backbone": "repvgg_b0_mini", "landing_moved_share": 0.01}
+        rows += [{**common, "model": "repvgg_b0_mini", "method": "full", "top1": 95, "macs": 1_000_000,
+                  "latency_ms_b64": full},
+                 {**common, "model": "PaS-A", "method": "pas", "top1": top_mine, "macs": 500_000,
+                  "latency_ms_b64": mine},
+                 {**common, "model": "PaS-A-latency", "method": "pas", "top1": top_theirs, "macs": 600_000,
+                  "latency_ms_b64": theirs, "target_latency_ms": 3.2, "latency_table_batch": 64}]
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "latency_tables").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "tables" / "main.csv", index=False)
+    # the table measured the full network at 4.0 ms: a 3.2 ms budget is 0.8 of it
+    (tmp_path / "latency_tables" / "repvgg_b0_mini.json").write_text(json.dumps({"runtime": "pytorch", "full_ms": 4.0}))
+    (row,) = main([str(tmp_path / "tables" / "main.csv")]).to_dict("records")
+    assert row["MACs (MACs / latency)"] == "500.0K / 600.0K"
+    assert row["budget share"] == "0.800 (latency_ms_b64)"
+    assert row["measured share (MACs / latency)"] == "0.775 / 0.765"
+    assert row["latency: measured / budget, per seed"] == "0.81 1.10"
+    # differences 1, 0: mean 0.5, std 0.707, t(0.975, 1) = 12.706: 0.5 -+ 6.35 = [-5.85, +6.85]
+    assert row["latency − MACs (95%)"] == "+0.50 [-5.85, +6.85] within noise"
+    assert "All pairs pooled (2): latency − MACs top-1 +0.50 [-5.85, +6.85] within noise" in capsys.readouterr().out
