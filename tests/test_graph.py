@@ -162,7 +162,9 @@ def test_same_masks_give_the_per_family_results():
                 masked, out = model(x), small(x)
             assert rel_err(masked, out) <= 1e-5
             if name.startswith("repvgg"):
-                assert torch.equal(masked, torch.tensor(case["masked_logits"]))
+                # the recorded logits of the per-family code; within float rounding, as another CPU's
+                # kernels sum in another order (bit-equal on the machine that recorded them)
+                assert rel_err(torch.tensor(case["masked_logits"]), masked) <= 1e-6
                 assert rel_err(torch.tensor(case["compact_logits"]), out) <= 1e-6
 
 
