@@ -41,6 +41,7 @@ def compare(frame: pd.DataFrame, tables: Path) -> tuple[pd.DataFrame, list[float
     table = table.drop(columns=[c for c in table.columns if c.endswith("uniform")])
     extra = {"MACs (MACs / latency)": [], "budget share": [], "measured share (MACs / latency)": [],
              "latency: measured / budget, per seed": []}
+    macs = frame[frame["method"] == "pas"].groupby("model")["macs"].mean()
     for name in table["variant"]:
         partner = name + SUFFIX
         row = frame[(frame["method"] == "pas") & (frame["model"] == partner)].iloc[0]
@@ -49,7 +50,6 @@ def compare(frame: pd.DataFrame, tables: Path) -> tuple[pd.DataFrame, list[float
         column = f"{runtime}latency_ms_b{int(row['latency_table_batch'])}"
         budget = float(row["target_latency_ms"]) / lat["full_ms"]
         mine, theirs = measured_share(frame, name, column), measured_share(frame, partner, column)
-        macs = frame[frame["method"] == "pas"].groupby("model")["macs"].mean()
         extra["MACs (MACs / latency)"].append(f"{macs[name] / 1e3:.1f}K / {macs[partner] / 1e3:.1f}K")
         extra["budget share"].append(f"{budget:.3f} ({column})")
         extra["measured share (MACs / latency)"].append(f"{mine.mean():.3f} / {theirs.mean():.3f}")
