@@ -20,12 +20,22 @@ layer with more channels is never predicted faster, which the landing's fill ste
 measured dip (an aligned width beating a narrower unaligned one) is therefore not modelled: align
 the widths with channel_multiple instead.
 
-The rest. What no layer accounts for (pooling, residual additions, the network's own call overhead,
-minus the per-call overhead that timing layers one by one counts once per layer) is one constant:
-the measured latency of the full network minus the layers' sum at full width. The table then checks
-itself on networks it was not fitted to: the compact network at uniform width scales (`check`,
-default 0.25, 0.5 and 0.75 of every searched width, on the allowed widths) is measured and its
-prediction error recorded; `pas latency-table` prints it.
+Calibration on whole networks. Layers timed one by one do not add up to the network: inside it a
+layer runs with other caches and without its own call overhead, by a factor that differs from layer
+to layer (`benchmarks/layers_in_network.py`), and some cost lies outside every layer (pooling,
+residual additions, the network's own call). So the prediction is `sum_l a_l * T_l(widths) + rest`,
+`T_l` the layer's interpolated grid, and its parameters are fitted to measured networks: the full
+network, every width at 1/8, 3/8, 5/8 and 7/8, and `networks` networks of random widths (each searched width uniform
+between 20% and 100% of its full width, on the allowed widths; default two per timed layer plus
+eight), all timed alternately in one loop. The fit is least squares on the relative error, each
+`a_l >= 0` (so more channels are never predicted slower than fewer) and pulled towards the one
+scale that the full and the 1/8 network alone give (`ridge`, in units of one network's squared
+relative error per layer's share of the full network): with few networks the fit is that two-point
+calibration, with many it is the layers' own in-network factors. `networks=0` keeps the two-point
+calibration (one scale for every layer). The table then checks itself on networks it was not fitted
+to, timed in the same loop: the compact network at uniform width scales (`check`, default 0.25,
+0.5 and 0.75 of every searched width, on the allowed widths) and `check_random` (default 4) more
+random networks; their prediction errors are recorded, and `pas latency-table` prints them.
 """
 from __future__ import annotations
 
@@ -48,7 +58,52 @@ TABLE_FORMAT = "pas-latency-table/1"
 TIMED_KINDS = ("conv", "grouped", "depthwise", "transposed", "linear")
 DEFAULT_POINTS = 6
 DEFAULT_CHECK = (0.25, 0.5, 0.75)
+DEFAULT_CHECK_RANDOM = 4
+CHECK_SEED = 20222
 CALIBRATION_SCALE = 0.125
+FIT_SCALES = (0.375, 0.625, 0.875)  # uniform networks the fit adds to the full, the 1/8 and the random ones
+RIDGE = 1.0
+FIT_SEED = 20221  # the fit's random networks (not those a benchmark checks with)
+
+
+def default_networks(arch: Network) -> int:
+    """Random networks the calibration fits to by default: two per timed layer, plus eight."""
+    return 2 * len(timed_layers(arch)) + 8
+
+
+def fit_widths(arch: Network, rule: WidthRule, count: int, seed: int = FIT_SEED) -> list[list[int]]:
+    """`count` random width settings: every searched width uniform in 20-100% of its full width, on
+    the allowed widths."""
+    import random
+    rng = random.Random(seed)
+    return [rule.nearest(max(1, round(rng.uniform(0.2, 1.0) * f)) for f in arch.full_widths())
+            for _ in range(count)]
+
+
+def fit_calibration(terms: list[list[float]], measured: list[float], full_terms: list[float], full_ms: float,
+                    prior: float, ridge: float = RIDGE) -> tuple[list[float], float, float]:
+    """Per-layer factors `a_l >= 0` and a constant `rest` with `sum_l a_l * terms[n][l] + rest` close to
+    `measured[n]` in relative error (non-negative least squares), each factor pulled towards `prior`
+    with weight `ridge * (its layer's share of the full network)^2`. Returns the factors, the rest
+    and the median absolute relative error of the fit on its own networks."""
+    import numpy as np
+    from scipy.optimize import nnls
+    t = np.asarray(terms, dtype=float)
+    y = np.asarray(measured, dtype=float)
+    if t.ndim != 2 or len(t) != len(y) or len(t) == 0 or (y <= 0).any():
+        raise PasError(f"latency calibration: {len(t)} networks with {len(y)} positive latencies; expected as many "
+                       f"of each, at least one")
+    n_layers = t.shape[1]
+    w = 1.0 / y  # relative error
+    ones = np.ones((len(y), 1))
+    a = np.hstack([t * w[:, None], ones * w[:, None], -ones * w[:, None]])  # [a_l..., rest+, rest-]
+    b = np.ones(len(y))
+    share = np.sqrt(ridge) * np.asarray(full_terms, dtype=float) / full_ms
+    prior_rows = np.hstack([np.diag(share), np.zeros((n_layers, 2))])
+    solution, _ = nnls(np.vstack([a, prior_rows]), np.concatenate([b, share * prior]), maxiter=50 * (n_layers + 2))
+    factors, rest = solution[:n_layers], solution[n_layers] - solution[n_layers + 1]
+    error = float(np.median(np.abs((t @ factors + rest) / y - 1)))
+    return [float(f) for f in factors], float(rest), error
 
 
 # -- the grid ---------------------------------------------------------------------------------------
@@ -152,7 +207,8 @@ def network_case(name, model, widths, *, batch, runtime, device, threads, tmp):
 
 def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxruntime", device: str = "cpu",
                   threads: int = 1, channel_multiple: int = 1, points: int = DEFAULT_POINTS, rounds: int = 10,
-                  warmup: int = 3, check=DEFAULT_CHECK, progress=None) -> "LatencyTable":
+                  warmup: int = 3, check=DEFAULT_CHECK, check_random: int = DEFAULT_CHECK_RANDOM,
+                  networks: int | None = None, ridge: float = RIDGE, progress=None) -> "LatencyTable":
     """Measure the latency table of `model` (a network with `.arch`, e.g. from `pas.models.build`)."""
     from pas.latency import RUNTIMES, devices, machine, time_alternately
     arch: Network = model.arch
@@ -165,6 +221,16 @@ def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxrunti
         raise PasError(f"latency table batch {batch}, threads {threads}: expected positive integers")
     if any(not 0 < s < 1 for s in check):
         raise PasError(f"latency table check scales {list(check)}: expected fractions between 0 and 1")
+    if isinstance(check_random, bool) or not isinstance(check_random, int) or check_random < 0:
+        raise PasError(f"latency table check_random {check_random!r}: expected an integer >= 0 (random networks "
+                       f"that check the prediction)")
+    if networks is None:
+        networks = default_networks(arch)
+    if isinstance(networks, bool) or not isinstance(networks, int) or networks < 0:
+        raise PasError(f"latency table networks {networks!r}: expected an integer >= 0 (random networks the "
+                       f"calibration fits to; 0: one scale from the full and the 1/8 network)")
+    if not ridge >= 0:
+        raise PasError(f"latency table ridge {ridge!r}: expected a number >= 0")
     entries, of_layer = plan(arch, channel_multiple=channel_multiple, points=points)
     rule = WidthRule(arch, channel_multiple)
     t0 = time.perf_counter()
@@ -190,7 +256,13 @@ def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxrunti
                 if progress:
                     progress(f"entry {e + 1}/{len(entries)}: {entry['kind']} {len(cases)} points")
             nets = {"full": arch.full_widths(), "low": rule.scaled(CALIBRATION_SCALE),
-                    **{f"check{s:g}": rule.scaled(s) for s in check}}
+                    **{f"check{s:g}": rule.scaled(s) for s in check},
+                    **{f"random{i}": w for i, w in enumerate(fit_widths(arch, rule, check_random, CHECK_SEED))},
+                    **{f"fit{i}": w for i, w in enumerate(fit_widths(arch, rule, networks))},
+                    **({f"fit{s:g}": rule.scaled(s) for s in FIT_SCALES} if networks else {})}
+            if progress:
+                progress(f"timing {len(nets)} networks ({networks} for the calibration, "
+                         f"{len(check) + check_random} to check it)")
             cases = [network_case(n, model, w, batch=batch, runtime=runtime, device=device, threads=threads,
                                    tmp=tmp) for n, w in nets.items()]
             measured = {c.model: r["latency_ms"] for c, r in zip(cases, time_alternately(cases, rounds=rounds,
@@ -211,12 +283,26 @@ def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxrunti
     raw = LatencyTable(data)
     full_sum, low_sum = raw.predict(arch, nets["full"]), raw.predict(arch, nets["low"])
     slope = (measured["full"] - measured["low"]) / (full_sum - low_sum) if full_sum > low_sum else 0.0
-    data["scale"] = slope if slope > 0 else 1.0
-    data["rest_ms"] = measured["full"] - data["scale"] * full_sum
+    two_point = slope if slope > 0 else 1.0
+    data["calibration"]["two_point"] = {"scale": two_point, "rest_ms": measured["full"] - two_point * full_sum}
+    if networks:
+        fitted = ["full", "low", *(f"fit{s:g}" for s in FIT_SCALES), *(f"fit{i}" for i in range(networks))]
+        factors, rest, error = fit_calibration([raw.layer_terms(arch, nets[n]) for n in fitted],
+                                               [measured[n] for n in fitted], raw.layer_terms(arch, nets["full"]),
+                                               measured["full"], two_point, ridge)
+        for row, factor in zip(layers, factors):
+            row["scale"] = factor
+        data["rest_ms"] = rest
+        data["calibration"].update({"method": "networks", "networks": networks, "ridge": ridge,
+                                    "fit_error": error, "fit": [{"widths": nets[n], "measured_ms": measured[n]}
+                                                                for n in fitted]})
+    else:
+        data["scale"], data["rest_ms"] = two_point, data["calibration"]["two_point"]["rest_ms"]
+        data["calibration"]["method"] = "two-point"
     table = LatencyTable(data)
-    for scale in check:
-        widths = nets[f"check{scale:g}"]
-        predicted, got = table.predict(arch, widths), measured[f"check{scale:g}"]
+    for scale, name in [*((s, f"check{s:g}") for s in check), *((None, f"random{i}") for i in range(check_random))]:
+        widths = nets[name]
+        predicted, got = table.predict(arch, widths), measured[name]
         data["check"].append({"scale": scale, "widths": widths, "measured_ms": got, "predicted_ms": predicted,
                               "error": predicted / got - 1})
     data["seconds"] = time.perf_counter() - t0
@@ -268,6 +354,21 @@ class LatencyTable:
                            f"this network is {arch.backbone} at {arch.resolution} px with other layers: expected a "
                            f"table from pas latency-table for this backbone and input size")
 
+    def layer_terms(self, arch: Network, widths) -> list[float]:
+        """Each timed layer's interpolated grid latency at these integer widths (ms), before any
+        calibration: what `predict` weighs and sums."""
+        kept = arch._kept(widths)
+        return [float(self.entries[self._row(layer)["entry"]](kept(layer.in_layout), kept(layer.out_layout)
+                                                               if layer.kind != "depthwise" else None))
+                for layer in timed_layers(arch)]
+
+    def _row(self, layer: Layer) -> dict:
+        row = self.layers.get(layer.module)
+        if row is None:
+            raise PasError(f"latency table {self.source!r} has no layer {layer.module!r}; expected a table "
+                           f"measured for the network it predicts")
+        return row
+
     def predict(self, arch: Network, widths=None, *, input_grad: bool = True):
         """Predicted latency (ms) of `arch` with these kept counts per searched group: a float for ints,
         a differentiable 0-d tensor for tensors (`input_grad=False` detaches every layer's input width,
@@ -275,14 +376,12 @@ class LatencyTable:
         kept = arch._kept(widths)
         total = 0.0
         for layer in timed_layers(arch):
-            row = self.layers.get(layer.module)
-            if row is None:
-                raise PasError(f"latency table {self.source!r} has no layer {layer.module!r}; expected a table "
-                               f"measured for {arch.backbone}")
+            row = self._row(layer)
             c_in, c_out = kept(layer.in_layout), kept(layer.out_layout)
             if not input_grad and isinstance(c_in, torch.Tensor):
                 c_in = c_in.detach()
-            total = total + self.entries[row["entry"]](c_in, c_out if layer.kind != "depthwise" else None)
+            term = self.entries[row["entry"]](c_in, c_out if layer.kind != "depthwise" else None)
+            total = total + float(row.get("scale", 1.0)) * term  # tables before the fit: one global scale
         total = self.scale * total + self.rest_ms
         differentiable = widths is not None and any(isinstance(w, torch.Tensor) for w in widths)
         return total if differentiable else float(total)
@@ -367,7 +466,8 @@ def main(args) -> int:
                   resolution=args.resolution)
     table = measure_table(model, batch=args.batch, runtime=args.runtime, device=args.device, threads=args.threads,
                           channel_multiple=args.channel_multiple, points=args.points,
-                          rounds=args.rounds, warmup=args.warmup, check=args.check,
+                          rounds=args.rounds, warmup=args.warmup, check=args.check, check_random=args.check_random,
+                          networks=args.networks,
                           progress=lambda m: print(f"[latency-table] {m}", flush=True))
     if args.csv:
         import pandas as pd
@@ -376,11 +476,21 @@ def main(args) -> int:
     d = table.data
     print(f"{d['backbone']} at {d['resolution']} px, {table.describe()}: {len(d['entries'])} entries for "
           f"{len(d['layers'])} layers, measured in {d['seconds']:.0f} s; full network {d['full_ms']:.3f} ms, "
-          f"calibrated as {d['scale']:.3f} x layers {d['rest_ms']:+.3f} ms")
+          f"{calibrated(d)}")
     for c in d["check"]:
-        print(f"  widths x{c['scale']:g}: predicted {c['predicted_ms']:.3f} ms, measured {c['measured_ms']:.3f} ms "
+        which = f"widths x{c['scale']:g}" if c["scale"] is not None else "random widths"
+        print(f"  {which}: predicted {c['predicted_ms']:.3f} ms, measured {c['measured_ms']:.3f} ms "
               f"({c['error']:+.1%})")
     return 0
+
+
+def calibrated(d: dict) -> str:
+    c = d["calibration"]
+    if c.get("method") == "networks":
+        factors = [r["scale"] for r in d["layers"]]
+        return (f"fitted to {len(c['fit'])} networks (median error {c['fit_error']:.1%}): layer factors "
+                f"{min(factors):.2f}-{max(factors):.2f}, rest {d['rest_ms']:+.3f} ms")
+    return f"calibrated as {d['scale']:.3f} x layers {d['rest_ms']:+.3f} ms"
 
 
 def add_subcommand(sub) -> None:
@@ -403,6 +513,12 @@ def add_subcommand(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     p.add_argument("--check", type=float, nargs="*", default=list(DEFAULT_CHECK),
                    help="uniform width scales whose measured latency checks the prediction (default 0.25 0.5 0.75)")
+    p.add_argument("--check-random", type=int, default=DEFAULT_CHECK_RANDOM,
+                   help=f"random networks, not fitted to, that check the prediction too (default "
+                        f"{DEFAULT_CHECK_RANDOM})")
+    p.add_argument("--networks", type=int, default=None,
+                   help="random networks the calibration is fitted to (default: two per timed layer plus eight; "
+                        "0: one scale from the full and the 1/8 network)")
     p.add_argument("--csv", help="also write the grid as CSV (one row per measured point)")
     p.add_argument("--out", required=True, help="the table JSON written (atomically)")
     p.set_defaults(func=main)

@@ -17,7 +17,9 @@ from pas import models as M
 from pas.cli import main as pas_main
 from pas.errors import PasError
 from pas.graph.network import describe
-from pas.latency_table import LatencyTable, TABLE_FORMAT, measure_table, plan, timed_layers
+from pas.latency_table import (LatencyTable, TABLE_FORMAT, fit_calibration, fit_widths, measure_table, plan,
+                                timed_layers)
+from pas.landing import WidthRule
 from pas.pruners import run_pruner
 from pas.search import latency_target, resolve_budget, search
 
@@ -40,7 +42,8 @@ def synthetic_table(arch, *, points=4, seed=0, scale=1.25, rest=0.5) -> LatencyT
 
 def oracle(table: LatencyTable, widths: list[int], in_channels: int, classes: int) -> float:
     """The prediction for a plain chain (RepVGG: layer i reads group i-1 and writes group i, the
-    classifier writes the classes), each layer's grid interpolated by scipy, monotone by numpy."""
+    classifier writes the classes), each layer's grid interpolated by scipy, monotone by numpy,
+    weighted by the layer's fitted factor, plus the table's constant."""
     ins, outs = [in_channels, *widths], [*widths, classes]
     total = 0.0
     for layer, c_in, c_out in zip(table.data["layers"], ins, outs):
@@ -52,7 +55,7 @@ def oracle(table: LatencyTable, widths: list[int], in_channels: int, classes: in
         if len(ys) == 1:
             ys, z = np.array([ys[0], ys[0] + 1]), np.hstack([z, z])
         f = RegularGridInterpolator((xs, ys), z, method="linear", bounds_error=False, fill_value=None)
-        total += float(f([[c_in, c_out]])[0])
+        total += layer.get("scale", 1.0) * float(f([[c_in, c_out]])[0])  # a fitted table's layer factor
     return table.scale * total + table.rest_ms
 
 
@@ -174,15 +177,55 @@ def test_a_table_is_measured_once_per_distinct_layer(tmp_path):
     one CSV row per measured point (a dense layer points^2, a fixed axis once)."""
     assert pas_main(["latency-table", "--backbone", "repvgg_b0_mini", "--resolution", "28", "--num-classes", "10",
                      "--in-channels", "1", "--points", "2", "--rounds", "2", "--warmup", "0", "--check", "0.5",
-                     "--runtime", "onnxruntime", "--out", str(tmp_path / "t.json"), "--csv",
+                     "--runtime", "onnxruntime", "--networks", "3", "--out", str(tmp_path / "t.json"), "--csv",
                      str(tmp_path / "t.csv")]) == 0
     data = json.loads((tmp_path / "t.json").read_text())
+    assert data["calibration"]["method"] == "networks" and len(data["calibration"]["fit"]) == 2 + 3 + 3
+    assert all(r["scale"] >= 0 for r in data["layers"]) and data["scale"] == 1.0
     assert len(data["layers"]) == 11 and len(data["entries"]) == 8
     assert [r["entry"] for r in data["layers"]] == [0, 1, 1, 2, 3, 4, 5, 5, 5, 6, 7]
     assert (tmp_path / "t.csv").read_text().count("\n") == 1 + 2 + 6 * 4 + 2
     assert data["runtime"] == "onnxruntime" and data["machine"]["threads"] == 1
-    assert [c["scale"] for c in data["check"]] == [0.5]
+    assert [c["scale"] for c in data["check"]] == [0.5, None, None, None, None]
     LatencyTable.load(tmp_path / "t.json").check_network(M.build("repvgg_b0_mini", **SMALL).arch)
+
+
+def test_the_calibration_recovers_known_layer_factors():
+    """Network latencies made from a table with known per-layer factors and a constant: the fit
+    (no pull towards the prior) recovers them, and the table it describes predicts a network it
+    was not fitted to exactly. A factor the data would make negative is held at 0 instead, so more
+    channels are never predicted faster."""
+    arch = M.build("repvgg_b0_mini", **SMALL).arch
+    table = synthetic_table(arch, scale=1.0, rest=0.0)
+    rule = WidthRule(arch)
+    widths = [arch.full_widths(), *fit_widths(arch, rule, 40)]
+    terms = [table.layer_terms(arch, w) for w in widths]
+    truth = np.random.default_rng(0).uniform(0.5, 2.0, len(terms[0]))
+    measured = [float(np.dot(t, truth)) + 0.3 for t in terms]
+    factors, rest, error = fit_calibration(terms, measured, terms[0], measured[0], prior=1.0, ridge=0.0)
+    assert factors == pytest.approx(truth.tolist(), rel=1e-6) and rest == pytest.approx(0.3, rel=1e-6)
+    assert error < 1e-9
+    for row, factor in zip(table.data["layers"], factors):
+        row["scale"] = factor
+    fitted = LatencyTable({**table.data, "rest_ms": rest})
+    held_out = fit_widths(arch, rule, 1, seed=7)[0]
+    expected = float(np.dot(table.layer_terms(arch, held_out), truth)) + 0.3
+    assert fitted.predict(arch, held_out) == pytest.approx(expected, rel=1e-6)
+    truth[3] = -0.5  # data that "wants" a negative factor
+    measured = [float(np.dot(t, truth)) + 0.3 for t in terms]
+    factors, _, _ = fit_calibration(terms, measured, terms[0], measured[0], prior=1.0, ridge=0.0)
+    assert min(factors) >= 0 and factors[3] == 0
+
+
+def test_the_calibration_falls_back_on_the_prior_without_data():
+    """With only the full network measured, a strong pull leaves every factor at the prior scale
+    and the constant makes up the rest of the full network's latency."""
+    arch = M.build("repvgg_b0_mini", **SMALL).arch
+    table = synthetic_table(arch, scale=1.0, rest=0.0)
+    full = table.layer_terms(arch, arch.full_widths())
+    factors, rest, _ = fit_calibration([full], [1.5 * sum(full) + 0.2], full, 1.5 * sum(full) + 0.2, prior=1.5,
+                                       ridge=1e6)
+    assert factors == pytest.approx([1.5] * len(full), rel=1e-4) and rest == pytest.approx(0.2, rel=1e-3)
 
 
 def test_latency_targets_are_parsed():
@@ -210,3 +253,5 @@ def test_bad_latency_input_gets_a_one_line_error(tmp_path):
         plan(model.arch, points=1)
     with pytest.raises(PasError, match=r"device 'cuda' is not available to pytorch here"):
         measure_table(model, runtime="pytorch", device="cuda")
+    with pytest.raises(PasError, match=r"networks -1: expected an integer >= 0"):
+        measure_table(model, runtime="pytorch", networks=-1)

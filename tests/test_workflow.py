@@ -534,6 +534,19 @@ def test_latency_config_measures_one_table_per_backbone_before_its_latency_searc
         in result.stdout and "--batch 64" in result.stdout
 
 
+def test_latency_study_over_seeds_runs_only_the_searches_and_the_full_networks(tmp_path):
+    """config/latency.yaml + evidence.yaml + latency_evidence.yaml: 3 seeds of the 4 searches and the
+    2 full backbones, no baselines, no scratch members; tables on multiples of 8 like the searches."""
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(DEFAULT), *(str(ROOT / "config" / f) for f in (
+        "latency.yaml", "evidence.yaml", "latency_evidence.yaml")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["search"] == 12 and counts["full_masks"] == 6 and counts["finetune"] == 18
+    assert "prune" not in counts and "train_scratch" not in counts and counts["latency_table"] == 2
+    tables = [line for line in shell_lines(result) if line.startswith("pas latency-table")]
+    assert len(tables) == 2 and all("--channel-multiple 8" in line for line in tables)
+
+
 def test_paper_config_dry_run_needs_no_data(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "config" / "paper.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr

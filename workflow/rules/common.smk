@@ -370,7 +370,8 @@ def latency_table_flags(wildcards):
     return shlex.join(["--backbone", wildcards.backbone, "--resolution", str(side), "--num-classes", str(classes),
                        "--in-channels", str(channels), "--channel-multiple", str(config["search"]["channel_multiple"]),
                        "--runtime", t["runtime"], "--device", t["device"], "--batch", str(t["batch"]),
-                       "--threads", str(t["threads"]), "--points", str(t["points"]), "--rounds", str(t["rounds"])])
+                       "--threads", str(t["threads"]), "--points", str(t["points"]), "--rounds", str(t["rounds"])]
+                      + (["--networks", str(t["networks"])] if t.get("networks") is not None else []))
 
 
 def finetune_flags(wildcards):
