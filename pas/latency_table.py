@@ -29,10 +29,10 @@ network, every width at 1/8, 3/8, 5/8 and 7/8, and `networks` networks of random
 between 20% and 100% of its full width, on the allowed widths; default two per timed layer plus
 eight), all timed alternately in one loop. The fit is least squares on the relative error, each
 `a_l >= 0` (so more channels are never predicted slower than fewer) and pulled towards the one
-scale that the full and the 1/8 network alone give (`ridge`, in units of one network's squared
-relative error per layer's share of the full network): with few networks the fit is that two-point
-calibration, with many it is the layers' own in-network factors. `networks=0` keeps the two-point
-calibration (one scale for every layer). The table then checks itself on networks it was not fitted
+scale that fits all those networks best (`ridge`, default 10, in units of one network's squared
+relative error per layer's share of the full network): a layer's factor leaves the common scale
+only as far as the networks show it does. `networks=0` keeps the two-point calibration (one scale
+for every layer, from the full and the 1/8 network alone). The table then checks itself on networks it was not fitted
 to, timed in the same loop: the compact network at uniform width scales (`check`, default 0.25,
 0.5 and 0.75 of every searched width, on the allowed widths) and `check_random` (default 4) more
 random networks; their prediction errors are recorded, and `pas latency-table` prints them.
@@ -62,7 +62,7 @@ DEFAULT_CHECK_RANDOM = 4
 CHECK_SEED = 20222
 CALIBRATION_SCALE = 0.125
 FIT_SCALES = (0.375, 0.625, 0.875)  # uniform networks the fit adds to the full, the 1/8 and the random ones
-RIDGE = 1.0
+RIDGE = 10.0
 FIT_SEED = 20221  # the fit's random networks (not those a benchmark checks with)
 
 
@@ -81,11 +81,12 @@ def fit_widths(arch: Network, rule: WidthRule, count: int, seed: int = FIT_SEED)
 
 
 def fit_calibration(terms: list[list[float]], measured: list[float], full_terms: list[float], full_ms: float,
-                    prior: float, ridge: float = RIDGE) -> tuple[list[float], float, float]:
+                    prior: float | None = None, ridge: float = RIDGE) -> tuple[list[float], float, float, float]:
     """Per-layer factors `a_l >= 0` and a constant `rest` with `sum_l a_l * terms[n][l] + rest` close to
     `measured[n]` in relative error (non-negative least squares), each factor pulled towards `prior`
-    with weight `ridge * (its layer's share of the full network)^2`. Returns the factors, the rest
-    and the median absolute relative error of the fit on its own networks."""
+    with weight `ridge * (its layer's share of the full network)^2`. Without a prior, the one scale
+    that fits every network best (with its own constant) is the prior. Returns the factors, the
+    rest, the median absolute relative error of the fit on its own networks and the prior."""
     import numpy as np
     from scipy.optimize import nnls
     t = np.asarray(terms, dtype=float)
@@ -95,15 +96,18 @@ def fit_calibration(terms: list[list[float]], measured: list[float], full_terms:
                        f"of each, at least one")
     n_layers = t.shape[1]
     w = 1.0 / y  # relative error
-    ones = np.ones((len(y), 1))
-    a = np.hstack([t * w[:, None], ones * w[:, None], -ones * w[:, None]])  # [a_l..., rest+, rest-]
-    b = np.ones(len(y))
+    rest_columns = np.stack([w, -w], 1)  # rest = rest+ - rest-, both >= 0: a constant of either sign
+    if prior is None:
+        one, _ = nnls(np.hstack([(t.sum(1) * w)[:, None], rest_columns]), np.ones(len(y)))
+        prior = float(one[0])
+    a = np.hstack([t * w[:, None], rest_columns])
     share = np.sqrt(ridge) * np.asarray(full_terms, dtype=float) / full_ms
     prior_rows = np.hstack([np.diag(share), np.zeros((n_layers, 2))])
-    solution, _ = nnls(np.vstack([a, prior_rows]), np.concatenate([b, share * prior]), maxiter=50 * (n_layers + 2))
+    solution, _ = nnls(np.vstack([a, prior_rows]), np.concatenate([np.ones(len(y)), share * prior]),
+                       maxiter=50 * (n_layers + 2))
     factors, rest = solution[:n_layers], solution[n_layers] - solution[n_layers + 1]
     error = float(np.median(np.abs((t @ factors + rest) / y - 1)))
-    return [float(f) for f in factors], float(rest), error
+    return [float(f) for f in factors], float(rest), error, prior
 
 
 # -- the grid ---------------------------------------------------------------------------------------
@@ -287,13 +291,14 @@ def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxrunti
     data["calibration"]["two_point"] = {"scale": two_point, "rest_ms": measured["full"] - two_point * full_sum}
     if networks:
         fitted = ["full", "low", *(f"fit{s:g}" for s in FIT_SCALES), *(f"fit{i}" for i in range(networks))]
-        factors, rest, error = fit_calibration([raw.layer_terms(arch, nets[n]) for n in fitted],
-                                               [measured[n] for n in fitted], raw.layer_terms(arch, nets["full"]),
-                                               measured["full"], two_point, ridge)
+        factors, rest, error, prior = fit_calibration([raw.layer_terms(arch, nets[n]) for n in fitted],
+                                                      [measured[n] for n in fitted],
+                                                      raw.layer_terms(arch, nets["full"]), measured["full"],
+                                                      ridge=ridge)
         for row, factor in zip(layers, factors):
             row["scale"] = factor
         data["rest_ms"] = rest
-        data["calibration"].update({"method": "networks", "networks": networks, "ridge": ridge,
+        data["calibration"].update({"method": "networks", "networks": networks, "ridge": ridge, "prior": prior,
                                     "fit_error": error, "fit": [{"widths": nets[n], "measured_ms": measured[n]}
                                                                 for n in fitted]})
     else:

@@ -202,7 +202,7 @@ def test_the_calibration_recovers_known_layer_factors():
     terms = [table.layer_terms(arch, w) for w in widths]
     truth = np.random.default_rng(0).uniform(0.5, 2.0, len(terms[0]))
     measured = [float(np.dot(t, truth)) + 0.3 for t in terms]
-    factors, rest, error = fit_calibration(terms, measured, terms[0], measured[0], prior=1.0, ridge=0.0)
+    factors, rest, error, _ = fit_calibration(terms, measured, terms[0], measured[0], prior=1.0, ridge=0.0)
     assert factors == pytest.approx(truth.tolist(), rel=1e-6) and rest == pytest.approx(0.3, rel=1e-6)
     assert error < 1e-9
     for row, factor in zip(table.data["layers"], factors):
@@ -213,7 +213,7 @@ def test_the_calibration_recovers_known_layer_factors():
     assert fitted.predict(arch, held_out) == pytest.approx(expected, rel=1e-6)
     truth[3] = -0.5  # data that "wants" a negative factor
     measured = [float(np.dot(t, truth)) + 0.3 for t in terms]
-    factors, _, _ = fit_calibration(terms, measured, terms[0], measured[0], prior=1.0, ridge=0.0)
+    factors, _, _, _ = fit_calibration(terms, measured, terms[0], measured[0], prior=1.0, ridge=0.0)
     assert min(factors) >= 0 and factors[3] == 0
 
 
@@ -223,9 +223,21 @@ def test_the_calibration_falls_back_on_the_prior_without_data():
     arch = M.build("repvgg_b0_mini", **SMALL).arch
     table = synthetic_table(arch, scale=1.0, rest=0.0)
     full = table.layer_terms(arch, arch.full_widths())
-    factors, rest, _ = fit_calibration([full], [1.5 * sum(full) + 0.2], full, 1.5 * sum(full) + 0.2, prior=1.5,
-                                       ridge=1e6)
+    factors, rest, _, _ = fit_calibration([full], [1.5 * sum(full) + 0.2], full, 1.5 * sum(full) + 0.2, prior=1.5,
+                                          ridge=1e6)
     assert factors == pytest.approx([1.5] * len(full), rel=1e-4) and rest == pytest.approx(0.2, rel=1e-3)
+
+
+def test_without_a_prior_the_calibration_pulls_towards_the_best_common_scale():
+    """Networks whose latency is 1.7 x the layers' sum + 0.3 ms: the prior found is 1.7, and a strong
+    pull leaves every factor there and the constant at 0.3."""
+    arch = M.build("repvgg_b0_mini", **SMALL).arch
+    table = synthetic_table(arch, scale=1.0, rest=0.0)
+    terms = [table.layer_terms(arch, w) for w in [arch.full_widths(), *fit_widths(arch, WidthRule(arch), 12)]]
+    measured = [1.7 * sum(t) + 0.3 for t in terms]
+    factors, rest, error, prior = fit_calibration(terms, measured, terms[0], measured[0], ridge=1e6)
+    assert prior == pytest.approx(1.7, rel=1e-6) and rest == pytest.approx(0.3, rel=1e-4)
+    assert factors == pytest.approx([1.7] * len(terms[0]), rel=1e-5) and error < 1e-5
 
 
 def test_latency_targets_are_parsed():
