@@ -35,7 +35,7 @@ import torch
 
 from pas.landing import WidthRule
 from pas.latency import time_alternately
-from pas.latency_table import LatencyTable, fit_widths, measure_table, network_case
+from pas.latency_table import LatencyTable, measure_table, network_case, random_widths
 from pas.models import build
 from pas.pruners import run_pruner
 from pas.search import resolve_budget
@@ -86,8 +86,8 @@ def run_case(backbone: str, shape: dict, batch: int, runtime: str, *, rounds: in
                           channel_multiple=channel_multiple)
     table_s = time.perf_counter() - t0
     rule = WidthRule(arch, channel_multiple)
-    nets = {"full": arch.full_widths(), **{f"random{i}": w for i, w in enumerate(fit_widths(arch, rule, n_random,
-                                                                                             seed=seed))}}
+    drawn = random_widths(arch, rule, n_random, seed=seed)
+    nets = {"full": arch.full_widths(), **{f"random{i}": w for i, w in enumerate(drawn)}}
     budgets = {}
     full, lowest = table.predict(arch, arch.full_widths()), table.predict(arch, rule.minimum())
     for third in (1, 2):  # a third and two thirds of the way from the narrowest widths to the full network
@@ -109,12 +109,13 @@ def run_case(backbone: str, shape: dict, batch: int, runtime: str, *, rounds: in
     measured = {c.model: r["latency_ms"] for c, r in zip(cases, rows)}
     randoms = [n for n in nets if n.startswith("random")]
     landed = {n: (measured[n] / measured["full"]) / (budgets[n] / full) for n in budgets}
+    one_scale = two_point(table)
     return {"case": f"{backbone} {shape['resolution']}px b{batch} {runtime}", "table_s": table_s,
             "full_ms": table.data["full_ms"], "full_now_ms": measured["full"],
             "fitted": {**errors(table, arch, nets, measured, randoms),
                        **same_loop(table, arch, table.data["check"])},
-            "two_point": {**errors(two_point(table), arch, nets, measured, randoms),
-                          **same_loop(two_point(table), arch, table.data["check"])},
+            "two_point": {**errors(one_scale, arch, nets, measured, randoms),
+                          **same_loop(one_scale, arch, table.data["check"])},
             "fit_error": table.data["calibration"]["fit_error"], "landed": landed}
 
 

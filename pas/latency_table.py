@@ -63,7 +63,7 @@ CHECK_SEED = 20222
 CALIBRATION_SCALE = 0.125
 FIT_SCALES = (0.375, 0.625, 0.875)  # uniform networks the fit adds to the full, the 1/8 and the random ones
 RIDGE = 10.0
-FIT_SEED = 20221  # the fit's random networks (not those a benchmark checks with)
+FIT_SEED = 20221  # the fit's random networks (not those the table or a benchmark checks with)
 
 
 def default_networks(arch: Network) -> int:
@@ -71,7 +71,7 @@ def default_networks(arch: Network) -> int:
     return 2 * len(timed_layers(arch)) + 8
 
 
-def fit_widths(arch: Network, rule: WidthRule, count: int, seed: int = FIT_SEED) -> list[list[int]]:
+def random_widths(arch: Network, rule: WidthRule, count: int, seed: int = FIT_SEED) -> list[list[int]]:
     """`count` random width settings: every searched width uniform in 20-100% of its full width, on
     the allowed widths."""
     import random
@@ -261,8 +261,8 @@ def measure_table(model: nn.Module, *, batch: int = 1, runtime: str = "onnxrunti
                     progress(f"entry {e + 1}/{len(entries)}: {entry['kind']} {len(cases)} points")
             nets = {"full": arch.full_widths(), "low": rule.scaled(CALIBRATION_SCALE),
                     **{f"check{s:g}": rule.scaled(s) for s in check},
-                    **{f"random{i}": w for i, w in enumerate(fit_widths(arch, rule, check_random, CHECK_SEED))},
-                    **{f"fit{i}": w for i, w in enumerate(fit_widths(arch, rule, networks))},
+                    **{f"random{i}": w for i, w in enumerate(random_widths(arch, rule, check_random, CHECK_SEED))},
+                    **{f"fit{i}": w for i, w in enumerate(random_widths(arch, rule, networks))},
                     **({f"fit{s:g}": rule.scaled(s) for s in FIT_SCALES} if networks else {})}
             if progress:
                 progress(f"timing {len(nets)} networks ({networks} for the calibration, "
@@ -359,13 +359,21 @@ class LatencyTable:
                            f"this network is {arch.backbone} at {arch.resolution} px with other layers: expected a "
                            f"table from pas latency-table for this backbone and input size")
 
+    def _terms(self, arch: Network, widths, input_grad: bool = True):
+        """Each timed layer's row and its interpolated grid latency at these widths (ms), before any
+        calibration (tensors for tensor widths)."""
+        kept = arch._kept(widths)
+        for layer in timed_layers(arch):
+            row = self._row(layer)
+            c_in, c_out = kept(layer.in_layout), kept(layer.out_layout)
+            if not input_grad and isinstance(c_in, torch.Tensor):
+                c_in = c_in.detach()
+            yield row, self.entries[row["entry"]](c_in, c_out if layer.kind != "depthwise" else None)
+
     def layer_terms(self, arch: Network, widths) -> list[float]:
         """Each timed layer's interpolated grid latency at these integer widths (ms), before any
         calibration: what `predict` weighs and sums."""
-        kept = arch._kept(widths)
-        return [float(self.entries[self._row(layer)["entry"]](kept(layer.in_layout), kept(layer.out_layout)
-                                                               if layer.kind != "depthwise" else None))
-                for layer in timed_layers(arch)]
+        return [float(term) for _, term in self._terms(arch, widths)]
 
     def _row(self, layer: Layer) -> dict:
         row = self.layers.get(layer.module)
@@ -378,14 +386,8 @@ class LatencyTable:
         """Predicted latency (ms) of `arch` with these kept counts per searched group: a float for ints,
         a differentiable 0-d tensor for tensors (`input_grad=False` detaches every layer's input width,
         as the MACs penalty's "output" gradient does)."""
-        kept = arch._kept(widths)
         total = 0.0
-        for layer in timed_layers(arch):
-            row = self._row(layer)
-            c_in, c_out = kept(layer.in_layout), kept(layer.out_layout)
-            if not input_grad and isinstance(c_in, torch.Tensor):
-                c_in = c_in.detach()
-            term = self.entries[row["entry"]](c_in, c_out if layer.kind != "depthwise" else None)
+        for row, term in self._terms(arch, widths, input_grad):
             total = total + float(row.get("scale", 1.0)) * term  # tables before the fit: one global scale
         total = self.scale * total + self.rest_ms
         differentiable = widths is not None and any(isinstance(w, torch.Tensor) for w in widths)

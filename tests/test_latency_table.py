@@ -17,7 +17,7 @@ from pas import models as M
 from pas.cli import main as pas_main
 from pas.errors import PasError
 from pas.graph.network import describe
-from pas.latency_table import (LatencyTable, TABLE_FORMAT, fit_calibration, fit_widths, measure_table, plan,
+from pas.latency_table import (LatencyTable, TABLE_FORMAT, fit_calibration, measure_table, plan, random_widths,
                                 timed_layers)
 from pas.landing import WidthRule
 from pas.pruners import run_pruner
@@ -198,7 +198,7 @@ def test_the_calibration_recovers_known_layer_factors():
     arch = M.build("repvgg_b0_mini", **SMALL).arch
     table = synthetic_table(arch, scale=1.0, rest=0.0)
     rule = WidthRule(arch)
-    widths = [arch.full_widths(), *fit_widths(arch, rule, 40)]
+    widths = [arch.full_widths(), *random_widths(arch, rule, 40)]
     terms = [table.layer_terms(arch, w) for w in widths]
     truth = np.random.default_rng(0).uniform(0.5, 2.0, len(terms[0]))
     measured = [float(np.dot(t, truth)) + 0.3 for t in terms]
@@ -208,7 +208,7 @@ def test_the_calibration_recovers_known_layer_factors():
     for row, factor in zip(table.data["layers"], factors):
         row["scale"] = factor
     fitted = LatencyTable({**table.data, "rest_ms": rest})
-    held_out = fit_widths(arch, rule, 1, seed=7)[0]
+    held_out = random_widths(arch, rule, 1, seed=7)[0]
     expected = float(np.dot(table.layer_terms(arch, held_out), truth)) + 0.3
     assert fitted.predict(arch, held_out) == pytest.approx(expected, rel=1e-6)
     truth[3] = -0.5  # data that "wants" a negative factor
@@ -233,7 +233,7 @@ def test_without_a_prior_the_calibration_pulls_towards_the_best_common_scale():
     pull leaves every factor there and the constant at 0.3."""
     arch = M.build("repvgg_b0_mini", **SMALL).arch
     table = synthetic_table(arch, scale=1.0, rest=0.0)
-    terms = [table.layer_terms(arch, w) for w in [arch.full_widths(), *fit_widths(arch, WidthRule(arch), 12)]]
+    terms = [table.layer_terms(arch, w) for w in [arch.full_widths(), *random_widths(arch, WidthRule(arch), 12)]]
     measured = [1.7 * sum(t) + 0.3 for t in terms]
     factors, rest, error, prior = fit_calibration(terms, measured, terms[0], measured[0], ridge=1e6)
     assert prior == pytest.approx(1.7, rel=1e-6) and rest == pytest.approx(0.3, rel=1e-4)
