@@ -3,8 +3,9 @@ latency table of layers timed one by one (`pas latency-table`) goes wrong.
 
 The compact network (BN folded, random weights: latency depends on the architecture) at uniform
 width scales. Inside the network a layer is timed by forward hooks around its call, over `--rounds`
-forward passes (the median per layer); alone, the same module is called on an input of the same
-shape as often. The network itself is timed without hooks. Prints, per scale: the network's
+forward passes (the median per layer); then the network without hooks and every layer alone (on an
+input of the shape it saw inside) are timed alternately in one loop, `--rounds` rounds
+(`pas.latency.time_alternately`, as `pas latency` and `pas latency-table` time). Prints, per scale: the network's
 latency, the layers' sum inside the network and alone, the share of the network outside the layers
 (activations, residual additions, pooling, the calls themselves), and the layers whose two times
 differ most.
@@ -21,16 +22,16 @@ import torch
 from torch import nn
 
 from pas.landing import WidthRule
+from pas.latency import Case, _torch_call, time_alternately
 from pas.latency_table import _compact_at
 from pas.models import build
 
 
-def median_ms(values: list[float]) -> float:
-    return 1000 * statistics.median(values)
-
-
 def profile(net: nn.Module, x: torch.Tensor, rounds: int, warmup: int) -> dict:
-    """The network's latency without hooks, and each layer's inside it and alone (ms)."""
+    """The network's latency without hooks, and each layer's inside it and alone (ms). The layers
+    inside are timed by hooks over `rounds` passes; the network without hooks and every layer alone
+    are then timed alternately in one loop (`pas.latency.time_alternately`), so a change in the
+    machine's speed reaches them alike."""
     layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
     inside: dict[str, list[float]] = {n: [] for n, _ in layers}
     shapes, started, handles = {}, {}, []
@@ -50,25 +51,13 @@ def profile(net: nn.Module, x: torch.Tensor, rounds: int, warmup: int) -> dict:
             if r < warmup:
                 for v in inside.values():
                     v.clear()
-        for h in handles:
-            h.remove()
-        whole = []
-        for r in range(warmup + rounds):
-            t0 = time.perf_counter()
-            net(x)
-            if r >= warmup:
-                whole.append(time.perf_counter() - t0)
-        alone = {}
-        for n, m in layers:
-            inp, times = torch.randn(shapes[n]), []
-            for r in range(warmup + rounds):
-                t0 = time.perf_counter()
-                m(inp)
-                if r >= warmup:
-                    times.append(time.perf_counter() - t0)
-            alone[n] = median_ms(times)
-    return {"network": median_ms(whole), "inside": {n: median_ms(v) for n, v in inside.items()}, "alone": alone,
-            "shapes": {n: tuple(s) for n, s in shapes.items()}}
+    for h in handles:
+        h.remove()
+    cases = [Case("network", "pytorch", "cpu", len(x), _torch_call(net, x, "cpu"))]
+    cases += [Case(n, "pytorch", "cpu", len(x), _torch_call(m, torch.randn(shapes[n]), "cpu")) for n, m in layers]
+    ms = {c.model: r["latency_ms"] for c, r in zip(cases, time_alternately(cases, rounds=rounds, warmup=warmup))}
+    return {"network": ms.pop("network"), "inside": {n: 1000 * statistics.median(v) for n, v in inside.items()},
+            "alone": ms, "shapes": {n: tuple(s) for n, s in shapes.items()}}
 
 
 def main(argv=None) -> list[dict]:

@@ -128,3 +128,28 @@ def test_bad_input_is_one_line(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == ("pas: error: --model 'no-folder': expected "
                                                           "NAME=DEPLOYED_FOLDER")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_pruning_efficiency_and_its_ceiling_by_hand():
+    """benchmarks/pruning_efficiency: 10 ms full, 5 ms pruned at a quarter of 4 M MACs: 2x faster for
+    4x fewer MACs, efficiency 0.5; if the narrowest widths run in 4 ms, no network of 1 M MACs gets
+    above 2.5x / 4 = 0.625."""
+    from benchmarks.pruning_efficiency import ceiling, efficiency
+    assert efficiency(10.0, 5.0, 4_000_000, 1_000_000) == pytest.approx(0.5)
+    assert ceiling(10.0, 4.0, 4_000_000, 1_000_000) == pytest.approx(0.625)
+
+
+def test_pruning_efficiency_times_the_narrowest_allowed_widths(tmp_path, capsys):
+    """The ceiling's network is the backbone at the least its channel multiple allows: repvgg_b0_mini
+    on multiples of 8 is 8 channels everywhere. By hand, at 28 px: the stem 1->8 at 14x14
+    (9*1*8*196 = 14,112), two 8->8 blocks at 14x14 (2 * 9*8*8*196 = 225,792), two at 7x7 (56,448),
+    four at 4x4 (36,864), one at 2x2 (2,304) and the classifier 8->10 (80): 335,600 MACs."""
+    from benchmarks.pruning_efficiency import main
+    masks = tmp_path / "masks.json"
+    masks.write_text(json.dumps({"backbone": "repvgg_b0_mini", "widths": [8, 8, 8, 8, 8, 32, 16, 16, 8, 160],
+                                 "channel_multiple": 8}))
+    rows = main(["--masks", f"PaS-A={masks}", "--batches", "2", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert "the narrowest allowed widths (335,600 MACs, x8)" in out
+    assert [r["benchmark"] for r in rows] == ["pruning efficiency PaS-A (batch 2)"]
+    assert rows[0]["goal"] == "-"  # batch 2: reported, not held to the goal
