@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pas.landing import WidthRule
-from pas.latency import Case, _torch_call, time_alternately
+from pas.latency import Case, _torch_call, keep_freed_memory, time_alternately
 from pas.latency_table import _compact_at
 from pas.models import build
 
@@ -31,7 +31,9 @@ def profile(net: nn.Module, x: torch.Tensor, rounds: int, warmup: int) -> dict:
     """The network's latency without hooks, and each layer's inside it and alone (ms). The layers
     inside are timed by hooks over `rounds` passes; the network without hooks and every layer alone
     are then timed alternately in one loop (`pas.latency.time_alternately`), so a change in the
-    machine's speed reaches them alike."""
+    machine's speed reaches them alike. Freed memory stays in the process throughout (as
+    `pas.latency` times)."""
+    keep_freed_memory()
     layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
     inside: dict[str, list[float]] = {n: [] for n, _ in layers}
     shapes, started, handles = {}, {}, []

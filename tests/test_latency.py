@@ -153,3 +153,48 @@ def test_pruning_efficiency_times_the_narrowest_allowed_widths(tmp_path, capsys)
     assert "the narrowest allowed widths (335,600 MACs, x8)" in out
     assert [r["benchmark"] for r in rows] == ["pruning efficiency PaS-A (batch 2)"]
     assert rows[0]["goal"] == "-"  # batch 2: reported, not held to the goal
+
+
+FAULTS = """
+import resource, torch
+from pas.latency import keep_freed_memory
+from pas.latency_table import _compact_at
+from pas.models import build
+torch.set_num_threads(1)
+m = build("mobilenetv2_mini_035", num_classes=10, in_channels=1, resolution=28).eval()
+nets = [_compact_at(m, m.arch.full_widths()), _compact_at(m, [8] * 8)]
+x = torch.randn(64, 1, 28, 28)
+def faults_per_pass():
+    with torch.no_grad():
+        for _ in range(3):
+            for n in nets:
+                n(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            for n in nets:
+                n(x)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+print(faults_per_pass())
+print(keep_freed_memory())
+print(faults_per_pass())
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
+def test_timed_passes_do_not_page_fault_their_activations_in_again():
+    """The kernel's count of minor page faults (getrusage) is the oracle. Two networks run in turn
+    at batch 64, as they are timed: with glibc's defaults every pass hands its activations back to
+    the system and faults them in again (thousands of faults per pass); once the timing harness has
+    set the allocator up, none. A fresh process: the setting is process-wide."""
+    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True).stdout.split("\n")
+    default, allocator, kept = float(out[0]), out[1], float(out[2])
+    assert default > 500, out
+    assert kept < 5, out
+    assert "freed memory kept" in allocator
+
+
+def test_the_measurement_records_the_allocator(deployed, tmp_path):
+    from pas.latency import measure
+    result = measure({"net": deployed[1]}, batch_sizes=[1], rounds=2, warmup=0, runtimes=["pytorch"])
+    libc = __import__("platform").libc_ver()[0]
+    assert ("freed memory kept" in result["machine"]["allocator"]) == (libc == "glibc"), result["machine"]
