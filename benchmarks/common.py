@@ -8,7 +8,10 @@ from typing import Callable
 
 
 def interleaved(a: Callable[[], object], b: Callable[[], object], *, repeats: int = 15, warmup: int = 3):
-    """Median seconds of `a` and of `b`, measured alternately, and the median of the per-round ratios b/a."""
+    """Median seconds of `a` and of `b`, measured alternately, and the median of the per-round ratios b/a.
+    Freed memory stays in the process, as `pas latency` times (`pas.latency.keep_freed_memory`)."""
+    from pas.latency import keep_freed_memory
+    keep_freed_memory()
     for _ in range(warmup):
         a(), b()
     ta, tb, ratios = [], [], []
