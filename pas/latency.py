@@ -58,7 +58,7 @@ def keep_freed_memory() -> str:
     process does with jemalloc or TCMalloc (Intel's PyTorch tuning guide, "Memory Allocator"), and
     say what the allocator is (recorded with every measurement). With glibc's defaults a pass of a
     wide network returns its activations to the system and page-faults them in again on the next
-    pass (about 3,000 faults per pass of mobilenetv2_mini_035 at batch 64, more than doubling its
+    pass (about 2,900 faults per pass of mobilenetv2_mini_035 at batch 64, more than doubling its
     latency), by an amount that depends on what ran before rather than on the network's widths.
     glibc: blocks up to 32 MiB come from the heap, and the heap is trimmed only above 1 GiB free.
     Other C libraries are left as they are. Idempotent; affects the whole process."""

@@ -193,7 +193,7 @@ def test_timed_passes_do_not_page_fault_their_activations_in_again():
     assert "freed memory kept" in allocator
 
 
-def test_the_measurement_records_the_allocator(deployed, tmp_path):
+def test_the_measurement_records_the_allocator(deployed):
     from pas.latency import measure
     result = measure({"net": deployed[1]}, batch_sizes=[1], rounds=2, warmup=0, runtimes=["pytorch"])
     libc = __import__("platform").libc_ver()[0]
