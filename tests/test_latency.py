@@ -164,16 +164,19 @@ torch.set_num_threads(1)
 m = build("mobilenetv2_mini_035", num_classes=10, in_channels=1, resolution=28).eval()
 nets = [_compact_at(m, m.arch.full_widths()), _compact_at(m, [8] * 8)]
 x = torch.randn(64, 1, 28, 28)
-def faults_per_pass():
+def faults_per_pass():  # in the steady state: the fewest of three windows of 5 rounds
+    windows = []
     with torch.no_grad():
         for _ in range(3):
             for n in nets:
                 n(x)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
-            for n in nets:
-                n(x)
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+        for _ in range(3):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(5):
+                for n in nets:
+                    n(x)
+            windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    return min(windows)
 print(faults_per_pass())
 print(keep_freed_memory())
 print(faults_per_pass())
@@ -185,7 +188,9 @@ def test_timed_passes_do_not_page_fault_their_activations_in_again():
     """The kernel's count of minor page faults (getrusage) is the oracle. Two networks run in turn
     at batch 64, as they are timed: with glibc's defaults every pass hands its activations back to
     the system and faults them in again (thousands of faults per pass); once the timing harness has
-    set the allocator up, none. A fresh process: the setting is process-wide."""
+    set the allocator up, none. Each count is the fewest of three windows of 5 rounds (the heap may
+    still grow once in a while after the setting: 20-60 faults per pass in one window of about one
+    in eight). A fresh process: the setting is process-wide."""
     out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True).stdout.split("\n")
     default, allocator, kept = float(out[0]), out[1], float(out[2])
     assert default > 500, out
