@@ -67,6 +67,15 @@ SCHEMA: dict = {
         "latency_table": ((str, type(None)), None, "table from pas latency-table: predicts a latency target"),
         "alpha": (float, 14.0, "scale-free penalty weight (paper's 0.1 in GMACs^-2 on B1 ~= 14)"),
         "min_channels": (int, 1, "channels every layer keeps at least"),
+        "floor": (float, 0.1, "fraction of its full width every searched group keeps at least, in (0, 1] "
+                              "(search, landing and every baseline)"),
+        "objective": (str, "constraint", "constraint (quadratic term + learned Lagrange multiplier, landing by "
+                                         "importance per cost) | paper (the paper's quadratic penalty, landing by "
+                                         "gate weight)"),
+        "gain": (float, 2.0, "objective constraint: the price per unit of distance to the budget"),
+        "multiplier_lr": (float, 0.05, "objective constraint: the Lagrange multiplier's ascent rate per step"),
+        "ramp": (float, 0.5, "objective constraint: fraction of the search steps over which the budget falls "
+                             "from the full network's cost to the target (cubic schedule); 0: at once"),
         "tolerance": (float, 0.01, "allowed relative distance of the final MACs to the target"),
         "channel_multiple": (int, 1, "every searched width a multiple of it (8 or 16: hardware channel blocks)"),
         "penalty_gradient": (str, "both", "both | output: the MACs penalty's gradient flows through both widths "
@@ -108,7 +117,8 @@ def defaults(schema: dict = SCHEMA) -> dict:
     return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v[1]) for k, v in schema.items()}
 
 
-_CHOICES = {"search.penalty_gradient": ("both", "output"), "task": TASKS}
+_CHOICES = {"search.penalty_gradient": ("both", "output"), "search.objective": ("constraint", "paper"),
+            "task": TASKS}
 _FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -131,6 +141,13 @@ def _check(value, spec, key: str):
                "segmentation.canvas", "segmentation.train_scenes", "segmentation.val_scenes") \
             and value < (0 if key == "epochs" else 1):
         raise PasError(f"config key {key!r} must be {'>= 0' if key == 'epochs' else '>= 1'}, got {value!r}")
+    if key == "search.floor" and not 0 < value <= 1:
+        raise PasError(f"config key 'search.floor' must be in (0, 1] (a fraction of each group's width), "
+                       f"got {value!r}")
+    if key in ("search.multiplier_lr", "search.gain") and value < 0:
+        raise PasError(f"config key {key!r} must be >= 0, got {value!r}")
+    if key == "search.ramp" and not 0 <= value <= 1:
+        raise PasError(f"config key 'search.ramp' must be in [0, 1] (a fraction of the search), got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise PasError(f"config key {key!r} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
     return value

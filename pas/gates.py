@@ -12,6 +12,7 @@ from torch import nn
 
 from pas.errors import PasError
 from pas.graph.network import Network
+from pas.landing import group_floors
 
 THRESHOLD = 0.5
 
@@ -19,8 +20,8 @@ THRESHOLD = 0.5
 def binary_mask(v: torch.Tensor, min_channels: int = 1) -> torch.Tensor:
     """1[v > 0.5] in the forward pass, the identity in the backward pass (straight-through).
 
-    At least `min_channels` channels stay on: if fewer pass the threshold, the largest weights are
-    kept, so a layer never collapses to zero width.
+    At least `min_channels` channels stay on (the group's floor): if fewer pass the threshold, the
+    largest weights are kept, so a layer never falls below its floor.
     """
     hard = v.detach() > THRESHOLD
     k = min(min_channels, v.numel())
@@ -30,9 +31,15 @@ def binary_mask(v: torch.Tensor, min_channels: int = 1) -> torch.Tensor:
 
 
 class DBCGate(nn.Module):
+    """One channel group's gate. `importance` accumulates, over the search's training steps, the
+    magnitude of the task loss's gradient on every channel's mask, |sum x dL/dy| (first-order Taylor
+    importance, Molchanov et al. 2017) at the gate's sites: the estimated loss change of removing a
+    kept channel or of bringing a removed one back. The penalty's gradient is not in it."""
+
     def __init__(self, channels: int, *, min_channels: int = 1, init: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.full((channels,), float(init)))
+        self.register_buffer("importance", torch.zeros(channels))
         self.min_channels = min_channels
 
     def mask(self) -> torch.Tensor:
@@ -42,11 +49,26 @@ class DBCGate(nn.Module):
         """Kept channel count, differentiable through the estimator."""
         return self.mask().sum()
 
+    def observe(self, grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.importance += grad.detach().abs().to(self.importance.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.mask().view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return f"channels={self.weight.numel()}, min_channels={self.min_channels}"
+
+
+class GateSet(nn.ModuleList):
+    """The gates of one model, the search's budget multiplier (a Lagrange multiplier learned by the
+    `constraint` objective, `pas.search.BudgetConstraint`) and its step count; all travel with the
+    training state, so a resumed search goes on where it stopped."""
+
+    def __init__(self, gates):
+        super().__init__(gates)
+        self.register_buffer("multiplier", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
 
 
 GATES_ATTR = "pas_gates"  # the model attribute holding the gates: their names start with it
@@ -62,19 +84,43 @@ def network_of(model: nn.Module) -> Network:
 
 
 class _MaskSpec:
-    """The mask of one gated module's output: the gates of its channel segments (None: kept)."""
+    """The mask of one gated module call's output: the gates of its channel segments (None: kept),
+    carrying their gradient (`grad`) or forward-only (`pas.graph.channels.MaskPoint`)."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, grad: bool = True):
         self.parts = parts  # [(DBCGate | None, channels)]
+        self.grad = grad
 
     def mask(self, like: torch.Tensor) -> torch.Tensor:
-        pieces = [g.mask() if g is not None else torch.ones(n, device=like.device) for g, n in self.parts]
+        pieces = []
+        for g, n in self.parts:
+            if g is None:
+                pieces.append(torch.ones(n, device=like.device))
+                continue
+            piece = g.mask()
+            if self.grad and piece.requires_grad and torch.is_grad_enabled():
+                piece.register_hook(g.observe)
+            pieces.append(piece)
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(like.dtype)
 
 
 def _apply_mask(module, args, output):
-    m = module._pas_mask.mask(output)
-    return output * m.view(1, -1, *([1] * (output.dim() - 2)))
+    """The forward hook of a gated module: masks the output of the calls that have a mask."""
+    calls = module._pas_calls
+    k = calls[0] % calls[1]
+    calls[0] += 1
+    spec = module._pas_mask.get(k)
+    if spec is None:
+        return None
+    m = spec.mask(output).view(1, -1, *([1] * (output.dim() - 2)))
+    if spec.grad:
+        return output * m
+    return output + (output * (m - 1)).detach()  # the values masked, the gradient straight through
+
+
+def _reset_calls(model, args):
+    for module in model.__dict__.get("_pas_gated", ()):
+        module._pas_calls[0] = 0
 
 
 def _masked_norm_forward(self, x):
@@ -82,7 +128,7 @@ def _masked_norm_forward(self, x):
     mask's gradient comes out of BN's own reductions for gamma and beta), without another pass over
     the activations. The base class's forward runs unchanged (BatchNorm2d, SyncBatchNorm, ...)."""
     weight, bias = self._parameters["weight"], self._parameters["bias"]
-    m = self._pas_mask.mask(weight)
+    m = self._pas_norm_mask.mask(weight)
     self._parameters["weight"], self._parameters["bias"] = weight * m, bias * m
     try:
         return self._pas_base.forward(self, x)
@@ -100,25 +146,36 @@ def _masked_norm_class(cls: type) -> type:
     return _MASKED_NORMS[cls]
 
 
-def attach_gates(model: nn.Module, *, min_channels: int = 1) -> list[DBCGate]:
-    """One fresh DBC gate (all channels on) per searched channel group, applied by a forward hook at
-    every module whose output carries the group's channels (a conv's BN, a fused block, ...)."""
+def attach_gates(model: nn.Module, *, min_channels: int = 1, floor: float | None = None) -> list[DBCGate]:
+    """One fresh DBC gate (all channels on) per searched channel group, applied by forward hooks at
+    the group's mask points (`pas.graph.channels.MaskPoint`: after the activation that follows each
+    site, where a removed channel still hears the loss). A gate keeps at least its group's floor
+    (`group_floors`)."""
     net = network_of(model)
     detach_gates(model)
     device = _device_of(model)
-    gates = nn.ModuleList(DBCGate(g.size, min_channels=min_channels) for g in net.groups()).to(device)
+    floors = group_floors(net, min_channels, floor)
+    gates = GateSet(DBCGate(g.size, min_channels=k) for g, k in zip(net.groups(), floors)).to(device)
     setattr(model, GATES_ATTR, gates)
     by_group = dict(zip(net.searched, gates))
+    gated = []
     for point in net.graph.mask_points:
         parts = [(by_group.get(gi), n) for gi, n in net.graph.layout_groups(point.layout)]
         if all(g is None for g, _ in parts):
             continue
         site = model.get_submodule(point.module)
-        site._pas_mask = _MaskSpec(parts)
-        if isinstance(site, nn.modules.batchnorm._BatchNorm) and site.affine:
+        spec = _MaskSpec(parts, grad=point.grad)
+        if point.grad and point.calls == 1 and isinstance(site, nn.modules.batchnorm._BatchNorm) and site.affine:
+            site._pas_norm_mask = spec
             site.__class__ = _masked_norm_class(type(site))
-        else:
+            continue
+        if "_pas_hook" not in site.__dict__:
+            site._pas_mask, site._pas_calls = {}, [0, point.calls]
             site._pas_hook = site.register_forward_hook(_apply_mask)
+            gated.append(site)
+        site._pas_mask[point.call] = spec
+    model.__dict__["_pas_gated"] = gated
+    model.__dict__["_pas_reset"] = model.register_forward_pre_hook(_reset_calls)
     return list(gates)
 
 
@@ -140,7 +197,11 @@ def detach_gates(model: nn.Module) -> None:
             del m.__dict__["_pas_hook"]
         if "_pas_base" in type(m).__dict__:
             m.__class__ = type(m)._pas_base
-        m.__dict__.pop("_pas_mask", None)
+        for key in ("_pas_mask", "_pas_calls", "_pas_norm_mask"):
+            m.__dict__.pop(key, None)
+    if "_pas_reset" in model.__dict__:
+        model.__dict__.pop("_pas_reset").remove()
+    model.__dict__.pop("_pas_gated", None)
     if GATES_ATTR in model._modules:
         del model._modules[GATES_ATTR]
 

@@ -44,15 +44,33 @@ from pas.graph.network import Network
 DEFAULT_TOLERANCE = 0.01
 
 
-class WidthRule:
-    """The allowed widths W_l of every searched group of `arch` (see the module docstring)."""
+def check_floor(floor) -> None:
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1:
+        raise PasError(f"floor {floor!r} is outside (0, 1]; expected the fraction of its full width every "
+                       f"searched group keeps at least (e.g. 0.1)")
 
-    def __init__(self, arch: Network, channel_multiple: int = 1, min_channels: int = 1):
+
+def group_floors(arch: Network, min_channels: int = 1, floor: float | None = None) -> list[int]:
+    """Per searched group, the fewest channels it may keep: `min_channels`, or `floor` of its full
+    width rounded up, whichever is more (never more than the full width)."""
+    if floor is not None:
+        check_floor(floor)
+    share = floor or 0.0
+    return [min(f, max(min_channels, math.ceil(share * f - 1e-9))) for f in arch.full_widths()]
+
+
+class WidthRule:
+    """The allowed widths W_l of every searched group of `arch` (see the module docstring), none below
+    the group's floor (`group_floors`)."""
+
+    def __init__(self, arch: Network, channel_multiple: int = 1, min_channels: int = 1,
+                 floor: float | None = None):
         check_channel_multiple(channel_multiple)
         self.full = arch.full_widths()
         self.blocks = arch.blocks()
         self.steps = [math.lcm(channel_multiple, b) for b in self.blocks]
-        self.allowed = [_allowed(f, q, min_channels) for f, q in zip(self.full, self.steps)]
+        self.floors = group_floors(arch, min_channels, floor)
+        self.allowed = [_allowed(f, q, k) for f, q, k in zip(self.full, self.steps, self.floors)]
         self._grids: dict = {}  # (layer, device, dtype) -> allowed widths as a tensor, widest first
 
     def nearest(self, widths) -> list[int]:
@@ -188,14 +206,14 @@ class _Layer:
 
 def land(arch: Network, masks: list[torch.Tensor], scores: list[torch.Tensor], target: float, *,
          channel_multiple: int = 1, tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1,
-         max_swaps: int = 64, cost=None) -> Landing:
+         floor: float | None = None, max_swaps: int = 64, cost=None) -> Landing:
     """Masks on the allowed widths with target * (1 - tolerance) <= cost <= target (module docstring).
 
     The cost is the MACs, or `cost(widths)` (any measure that grows with every width: a latency
     table's prediction, `pas.latency_table`)."""
     measure = cost or (lambda widths: int(arch.macs(widths)))
     unit = "MACs" if cost is None else "ms"
-    rule = WidthRule(arch, channel_multiple, min_channels)
+    rule = WidthRule(arch, channel_multiple, min_channels, floor)
     given = [m.detach().bool().cpu() for m in masks]
     layers = [_Layer(m, s.detach().float().cpu(), allowed, b)
               for m, s, allowed, b in zip(given, scores, rule.allowed, rule.blocks, strict=True)]
@@ -208,6 +226,8 @@ def land(arch: Network, masks: list[torch.Tensor], scores: list[torch.Tensor], t
         if target - value <= tolerance * target or not _swap(measure, layers, target, value, tolerance):
             break
         value = _fill(measure, layers, target, measure(_widths(layers)))
+    if max_swaps and target - value > tolerance * target and _swap_three(measure, layers, target, tolerance):
+        value = measure(_widths(layers))
     if abs(value - target) > tolerance * target:
         shown = (lambda v: f"{int(v)}") if cost is None else (lambda v: f"{v:.4g}")
         raise PasError(f"cannot reach target {shown(target)} {unit} within {tolerance:.1%}: the closest mask gives "
@@ -272,6 +292,39 @@ def _fill(measure, layers: list[_Layer], target, macs):
         else:
             break
     return macs
+
+
+def _swap_three(measure, layers: list[_Layer], target, tolerance: float) -> bool:
+    """Step 5, when 4 could not land: one layer's step up for two other layers' steps down, the triple
+    that lands within the tolerance with the best score gain (coarse steps, channel_multiple > 1, can
+    leave every pair short of the target and every single step over it). False when none lands."""
+    ups = {i: step for i, layer in enumerate(layers) if (step := layer.up())}
+    downs = {i: step for i, layer in enumerate(layers) if (step := layer.down())}
+    best, best_gain = None, None
+    for a, (score_in, channels_in) in ups.items():
+        for b, (score_b, channels_b) in downs.items():
+            if b == a:
+                continue
+            for c, (score_c, channels_c) in downs.items():
+                if c in (a, b) or c < b:
+                    continue
+                widths = _widths(layers)
+                widths[a] += len(channels_in)
+                widths[b] -= len(channels_b)
+                widths[c] -= len(channels_c)
+                m = measure(widths)
+                if not target * (1 - tolerance) <= m <= target:
+                    continue
+                gain = score_in - score_b - score_c
+                if best_gain is None or gain > best_gain:
+                    best, best_gain = (a, channels_in, b, channels_b, c, channels_c), gain
+    if best is None:
+        return False
+    a, channels_in, b, channels_b, c, channels_c = best
+    layers[a].move(channels_in, keep=True)
+    layers[b].move(channels_b, keep=False)
+    layers[c].move(channels_c, keep=False)
+    return True
 
 
 def _swap(measure, layers: list[_Layer], target, macs, tolerance: float) -> bool:

@@ -83,13 +83,13 @@ def _standardised(s: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_masks(model: nn.Module, target: float, *, channel_multiple: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-                  min_channels: int = 1, cost=None) -> Landing:
+                  min_channels: int = 1, floor: float | None = None, cost=None) -> Landing:
     """One width factor f for every layer (found by bisection; each width round(f * full) moved to
     its nearest allowed width); within a layer the channels with the largest fused-kernel L1 norm are
     kept; the landing then moves single steps to meet the target (MACs, or `cost(widths)`)."""
     arch = network_of(model)
     measure = cost or arch.macs
-    rule = WidthRule(arch, channel_multiple, min_channels)
+    rule = WidthRule(arch, channel_multiple, min_channels, floor)
     scores = l1_scores(model)
 
     lo, hi = 0.0, 1.0
@@ -102,16 +102,16 @@ def uniform_masks(model: nn.Module, target: float, *, channel_multiple: int = 1,
         m[torch.argsort(s, descending=True)[:n]] = True
         masks.append(m)
     return land(arch, masks, scores, target, channel_multiple=channel_multiple, tolerance=tolerance,
-                min_channels=min_channels, cost=cost)
+                min_channels=min_channels, floor=floor, cost=cost)
 
 
 def magnitude_masks(model: nn.Module, target: float, scores: list[torch.Tensor], *, channel_multiple: int = 1,
-                    tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1, cost=None) -> Landing:
+                    tolerance: float = DEFAULT_TOLERANCE, min_channels: int = 1, floor: float | None = None, cost=None) -> Landing:
     """Global ranking: drop the smallest-scored channels of the whole network until the target. The
     landing's drop step is this ranking, so what it moved is no measure of anything (None)."""
     everything = [torch.ones(s.numel(), dtype=torch.bool) for s in scores]
     return land(network_of(model), everything, scores, target, channel_multiple=channel_multiple,
-                tolerance=tolerance, min_channels=min_channels, cost=cost).without_start()
+                tolerance=tolerance, min_channels=min_channels, floor=floor, cost=cost).without_start()
 
 
 PRUNERS = {

@@ -45,12 +45,16 @@ from torch import nn
 
 from pas.errors import PasError
 from pas.engine import OptimConfig, Trainer
-from pas.gates import attach_gates, gates_of, has_gates, kept_widths, network_of, set_masks
+from pas.gates import GATES_ATTR, attach_gates, gates_of, has_gates, kept_widths, network_of, set_masks
 from pas.graph.network import Network
 from pas.landing import DEFAULT_TOLERANCE, Landing, WidthRule, land
 
 DEFAULT_ALPHA = 14.0
 PENALTY_GRADIENTS = ("both", "output")
+OBJECTIVES = ("constraint", "paper")
+DEFAULT_GAIN = 2.0
+DEFAULT_MULTIPLIER_LR = 0.05
+DEFAULT_RAMP = 0.5
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 _TIME = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|us|µs|s|%\s*latency)\s*", re.IGNORECASE)
 _MS = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}
@@ -94,11 +98,11 @@ class Budget:
 
 
 def resolve_budget(target, arch: Network, min_channels: int = 1, channel_multiple: int = 1,
-                   latency_table=None) -> Budget:
+                   latency_table=None, floor: float | None = None) -> Budget:
     """A MACs budget (`resolve_target`), or a latency budget for a time target with a latency table."""
     latency = latency_target(target)
     if latency is None:
-        return Budget(resolve_target(target, arch, min_channels, channel_multiple), int(arch.macs()))
+        return Budget(resolve_target(target, arch, min_channels, channel_multiple, floor), int(arch.macs()))
     if latency_table is None:
         raise PasError(f"target {target!r} is a latency; expected search.latency_table (a table from pas "
                        f"latency-table) to predict it, or a MACs target")
@@ -107,27 +111,32 @@ def resolve_budget(target, arch: Network, min_channels: int = 1, channel_multipl
     table.check_network(arch)
     full = table.predict(arch, arch.full_widths())
     ms = latency[0] if latency[1] == "ms" else latency[0] / 100 * full
-    lowest = table.predict(arch, WidthRule(arch, channel_multiple, min_channels).minimum())
+    lowest = table.predict(arch, WidthRule(arch, channel_multiple, min_channels, floor).minimum())
     if not lowest < ms < full:
         raise PasError(f"target {target!r} = {ms:g} ms is outside the range the table {table.source!r} predicts "
                        f"for {arch.backbone} ({table.describe()}): expected between {lowest:.4g} ms (narrowest "
-                       f"widths) and {full:.4g} ms (full network)")
+                       f"widths{_floor_text(floor)}) and {full:.4g} ms (full network)")
     return Budget(ms, full, table, lowest)
 
 
-def minimum_macs(arch: Network, min_channels: int = 1, channel_multiple: int = 1) -> int:
+def minimum_macs(arch: Network, min_channels: int = 1, channel_multiple: int = 1, floor: float | None = None) -> int:
     """MACs with every layer at its narrowest allowed width."""
-    return int(arch.macs(WidthRule(arch, channel_multiple, min_channels).minimum()))
+    return int(arch.macs(WidthRule(arch, channel_multiple, min_channels, floor).minimum()))
 
 
-def resolve_target(target, arch: Network, min_channels: int = 1, channel_multiple: int = 1) -> int:
+def _floor_text(floor) -> str:
+    return f", each group at floor {floor:g} of its width" if floor else ""
+
+
+def resolve_target(target, arch: Network, min_channels: int = 1, channel_multiple: int = 1,
+                   floor: float | None = None) -> int:
     """Absolute target MACs from '1.36G', '2.5M', 1360000000 (absolute) or '40%', 0.4 (fraction).
 
     A number in (0, 1] or a percentage is a fraction of the full network's MACs; a number above 1
     or a figure with a K/M/G suffix is absolute.
     """
     full = int(arch.macs())
-    lowest = minimum_macs(arch, min_channels, channel_multiple)
+    lowest = minimum_macs(arch, min_channels, channel_multiple, floor)
     if isinstance(target, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kKmMgG%]?)\s*", target)
         if not m:
@@ -147,8 +156,14 @@ def resolve_target(target, arch: Network, min_channels: int = 1, channel_multipl
     if macs < lowest:
         multiple = f", widths multiples of {channel_multiple}" if channel_multiple > 1 else ""
         raise PasError(f"target {target!r} = {macs:.0f} MACs is below {lowest}, the MACs with "
-                       f"{min_channels} channel(s) per layer{multiple}; allowed range is ({lowest}, {full})")
+                       f"{min_channels} channel(s) per layer{multiple}{_floor_text(floor)}; allowed range is "
+                       f"({lowest}, {full})")
     return int(round(macs))
+
+
+def check_objective(objective) -> None:
+    if objective not in OBJECTIVES:
+        raise PasError(f"objective {objective!r} is unknown; expected one of {', '.join(OBJECTIVES)}")
 
 
 def check_penalty_gradient(penalty_gradient) -> None:
@@ -158,7 +173,8 @@ def check_penalty_gradient(penalty_gradient) -> None:
 
 
 class MacsPenalty(nn.Module):
-    """alpha * ((MACs(b) - target) / MACs_full)^2, two-sided, differentiable through the gates.
+    """alpha * ((MACs(b) - target) / MACs_full)^2, two-sided, differentiable through the gates: the
+    paper's penalty (objective "paper").
 
     MACs(b) counts every layer at the nearest allowed width of its kept count (`rule`); the gradient
     flows through both widths of every layer, or only through its output width (module docstring).
@@ -173,9 +189,14 @@ class MacsPenalty(nn.Module):
         self.rule = rule or WidthRule(arch)
         self.input_grad = penalty_gradient == "both"
 
-    def forward(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def measure(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the budgeted cost, the MACs) of the gates' widths, differentiable."""
         kept = self.rule.estimate([g.kept() for g in gates_of(model)])
         macs = self.arch.gated_macs(kept, input_grad=self.input_grad)
+        return macs, macs
+
+    def forward(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        macs, _ = self.measure(model)
         return self.alpha * ((macs - self.target) / self.full) ** 2, macs
 
 
@@ -191,12 +212,61 @@ class LatencyPenalty(nn.Module):
         self.rule = rule or WidthRule(arch)
         self.input_grad = penalty_gradient == "both"
 
-    def forward(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def measure(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         kept = [k.double() for k in self.rule.estimate([g.kept() for g in gates_of(model)])]
         latency = self.budget.table.predict(self.arch, kept, input_grad=self.input_grad)
-        macs = self.arch.macs([k.detach() for k in kept])
+        return latency, self.arch.macs([k.detach() for k in kept])
+
+    def forward(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        latency, macs = self.measure(model)
         span = self.budget.full - self.budget.lowest
         return self.alpha * ((latency - self.budget.target) / span) ** 2, macs
+
+
+class BudgetConstraint(nn.Module):
+    """The budget as a constraint (objective "constraint"): a price per unit of cost, set by a
+    controller on the distance to the budget, instead of a penalty balanced against the loss.
+
+    Every step the term is  u * (C(b) - C_t) / c,  with u a price that does not carry gradient, so a
+    gate of a group whose channel costs dC/dn gets the push u * (dC/dn) / c: c is the mean cost of a
+    searched channel of the full network, so a channel of average cost moves at the same speed in any
+    network, large or small. u = lambda + gain * d with d = (C(b) - C_t) / (C_full - C_min) and lambda a
+    Lagrange multiplier learned by gradient ascent (lambda += multiplier_lr * d while |d| is outside
+    the tolerance band; CoFi, Xia et al. 2022): the gain answers the distance at once, the multiplier
+    removes what is left of it, so the search ends on its budget and the landing moves little.
+    C_t, the budget of step t, falls from C_full to the target over the first `ramp` of the steps on a
+    cubic schedule (gradual pruning, Zhu and Gupta 2017): the distance stays small all along, so the
+    multiplier never winds up on a long approach (which made the gates overshoot far below the
+    budget and come back slowly). The multiplier and the step count live in the model's gates
+    (`pas.gates.GateSet`) and resume with them.
+    """
+
+    def __init__(self, measure, budget: Budget, *, unit: float, lowest: float, gain: float,
+                 multiplier_lr: float, band: float, ramp_steps: int):
+        super().__init__()
+        self.measure, self.budget = measure, budget
+        self.unit, self.lowest = float(unit), float(lowest)
+        self.gain, self.multiplier_lr, self.band, self.ramp_steps = float(gain), float(multiplier_lr), band, ramp_steps
+
+    def budget_at(self, step: torch.Tensor) -> torch.Tensor:
+        full, target = float(self.budget.full), float(self.budget.target)
+        if not self.ramp_steps:
+            return torch.as_tensor(target, dtype=torch.float64, device=step.device)
+        x = (step / self.ramp_steps).clamp(0, 1)
+        return full - (full - target) * (1 - (1 - x) ** 3)
+
+    def forward(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        cost, macs = self.measure(model)
+        gates = getattr(model, GATES_ATTR)
+        budget = self.budget_at(gates.steps)
+        excess = cost.double() - budget
+        d = excess.detach() / (float(self.budget.full) - self.lowest)
+        if torch.is_grad_enabled():  # a training step (tensor ops only: no host synchronisation)
+            with torch.no_grad():
+                gates.steps += 1
+                gates.multiplier += self.multiplier_lr * torch.where(d.abs() > self.band, d, torch.zeros_like(d))
+        price = gates.multiplier + self.gain * d
+        return price * excess / self.unit, macs
 
 
 @dataclass
@@ -215,15 +285,21 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
            epochs: int = 10, optim=None,
            alpha: float = DEFAULT_ALPHA, min_channels: int = 1, tolerance: float = DEFAULT_TOLERANCE,
            channel_multiple: int = 1, penalty_gradient: str = "both", latency_table=None,
+           objective: str = "constraint", floor: float | None = None, gain: float = DEFAULT_GAIN,
+           multiplier_lr: float = DEFAULT_MULTIPLIER_LR, ramp: float = DEFAULT_RAMP,
            history_every: int = 10, val_loader=None, seed: int = 0, state_path=None, fingerprint=None, on_epoch=None,
            world=None, progress: bool = False, trainer=None) -> SearchResult:
-    """Train weights and DBC gates jointly on CE + MACs penalty, then land on the target.
+    """Train weights and DBC gates jointly on the task loss + the budget term, then land on the target.
 
     Works on any traceable CNN: a model built by `pas.models.build` carries its channel graph; any
     other module is traced on `example_input` (one batch, or one image's shape) first.
     `train_loader` is an iterable of (x, y) batches, or `train_loader(epoch)` returns one epoch's.
     Gates are attached if the model has none. On return the gates realise the final masks (also in
     `SearchResult.masks`); `pas.compact.compact(model)` then gives the compact network.
+    `objective`: "constraint" (`BudgetConstraint`: a price from `gain` and a Lagrange multiplier learned
+    at `multiplier_lr`, the budget ramped down over the first `ramp` of the steps; the landing ranks
+    channels by importance per cost) or "paper" (the quadratic penalty `alpha` alone, the landing ranks
+    by gate weight). `floor`: every group keeps at least this fraction of its width.
     `channel_multiple`: every width a multiple of it (`pas.landing`); `penalty_gradient`: "both" or
     "output" (module docstring). A time target ('3.5ms') needs `latency_table` (a path or a
     `pas.latency_table.LatencyTable`).
@@ -232,19 +308,29 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
     generator inside its CycleGAN) passes its own, with the same keywords as Trainer's but `model`.
     """
     check_penalty_gradient(penalty_gradient)
+    check_objective(objective)
     if example_input is not None and not isinstance(getattr(model, "arch", None), Network):
         from pas.graph.network import describe
         describe(model, example_input)
     arch = network_of(model)
-    rule = WidthRule(arch, channel_multiple, min_channels)
-    budget = resolve_budget(target, arch, min_channels, channel_multiple, latency_table)
+    rule = WidthRule(arch, channel_multiple, min_channels, floor)
+    budget = resolve_budget(target, arch, min_channels, channel_multiple, latency_table, floor)
     if not callable(train_loader):
         batches = train_loader
         train_loader = lambda epoch: batches  # noqa: E731
     if not has_gates(model):
-        attach_gates(model, min_channels=min_channels)
-    penalty = (LatencyPenalty(arch, budget, alpha, rule=rule, penalty_gradient=penalty_gradient) if budget.latency
-               else MacsPenalty(arch, int(budget.target), alpha, rule=rule, penalty_gradient=penalty_gradient))
+        attach_gates(model, min_channels=min_channels, floor=floor)
+    quadratic = (LatencyPenalty(arch, budget, alpha, rule=rule, penalty_gradient=penalty_gradient) if budget.latency
+                 else MacsPenalty(arch, int(budget.target), alpha, rule=rule, penalty_gradient=penalty_gradient))
+    penalty = quadratic
+    if objective == "constraint":
+        full = arch.full_widths()
+        unit = sum(f * c for f, c in zip(full, marginal_costs(arch, budget, full))) / sum(full)
+        lowest = budget.lowest if budget.latency else minimum_macs(arch, min_channels, channel_multiple, floor)
+        band = tolerance * budget.target / (budget.full - lowest)
+        penalty = BudgetConstraint(quadratic.measure, budget, unit=unit, lowest=lowest, gain=gain,
+                                   multiplier_lr=multiplier_lr, band=band,
+                                   ramp_steps=int(ramp * epochs * _steps_per_epoch(train_loader)))
     make = trainer or (lambda **kw: Trainer(model, **kw))
     trainer = make(train_loader=train_loader, val_loader=val_loader, epochs=epochs,
                    optim=optim or OptimConfig(lr=0.02, schedule="constant"), seed=seed,
@@ -255,14 +341,48 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
         n = len(trainer.history)
         if step % history_every == 0:
             trainer.history.append({"epoch": epoch + 1, "step": step, "record": n,
-                                    "macs": int(round(float(macs.detach()))), "kept": kept_widths(model)})
+                                    "macs": int(round(float(macs.detach()))), "kept": kept_widths(model),
+                                    "multiplier": float(getattr(model, GATES_ATTR).multiplier)})
 
     trainer.on_step = record
     metrics = trainer.fit()
     gates = gates_of(model)
     current = [g.mask().detach() > 0.5 for g in gates]
-    landing = land(arch, current, [g.weight for g in gates], budget.target, channel_multiple=channel_multiple,
-                   tolerance=tolerance, min_channels=min_channels, cost=budget.cost(arch))
+    scores = ([g.weight for g in gates] if objective == "paper"
+              else importance_per_cost(model, budget, [int(m.sum()) for m in current]))
+    landing = land(arch, current, scores, budget.target, channel_multiple=channel_multiple,
+                   tolerance=tolerance, min_channels=min_channels, floor=floor, cost=budget.cost(arch))
     set_masks(model, landing.masks, min_channels=min_channels)
     return SearchResult(landing.masks, None if budget.latency else int(budget.target), landing.macs,
                         landing.macs_before, trainer.history, metrics, landing, budget)
+
+
+def _steps_per_epoch(train_loader) -> int:
+    """Steps of the first epoch (0 when the loader cannot tell: no ramp then)."""
+    try:
+        return len(train_loader(0))
+    except TypeError:
+        return 0
+
+
+def marginal_costs(arch: Network, budget: Budget, widths) -> list[float]:
+    """d cost / d width of every searched group at these widths: the MACs (or the predicted latency)
+    one more channel of the group costs, through every layer that reads or writes it."""
+    kept = [torch.tensor(float(w), dtype=torch.float64, requires_grad=True) for w in widths]
+    cost = budget.table.predict(arch, kept) if budget.latency else arch.macs(kept)
+    grads = torch.autograd.grad(cost, kept, allow_unused=True)
+    return [float(g) if g is not None else 0.0 for g in grads]
+
+
+def importance_per_cost(model: nn.Module, budget: Budget, widths) -> list[torch.Tensor]:
+    """Every channel's accumulated task-loss importance (`pas.gates.DBCGate.importance`) divided by
+    what one channel of its group costs at these widths: the landing then trades channels as a
+    knapsack would (HALP), not by raw gate value. Summed over the processes of a distributed run."""
+    arch = network_of(model)
+    importance = [g.importance.detach().clone() for g in gates_of(model)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t in importance:
+            torch.distributed.all_reduce(t)
+    costs = marginal_costs(arch, budget, widths)
+    tiny = min((c for c in costs if c > 0), default=1.0) * 1e-6
+    return [imp.cpu().double() / max(c, tiny) for imp, c in zip(importance, costs)]

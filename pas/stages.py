@@ -209,10 +209,18 @@ def _tracker(cfg, stage: str, world, primary_output: str, info=None, *, weights_
 def _masks_record(arch, masks, **extra) -> dict:
     return {"family": arch.family, "backbone": arch.backbone, "groups": arch.group_names(),
             "widths": [int(m.sum()) for m in masks],
+            "kept_fractions": [round(int(m.sum()) / len(m), 6) for m in masks],
             "full_widths": arch.searchable_widths(), "layer_sizes": arch.searchable_sizes(),
             "full_macs": int(arch.macs()),
             "macs": int(arch.macs([int(m.sum()) for m in masks])),
             "masks": [[int(v) for v in m.tolist()] for m in masks], **extra}
+
+
+def _fraction_metrics(record: dict) -> dict:
+    """Each searched group's kept fraction (MLflow metrics kept_fraction_NN) and the smallest."""
+    fractions = record["kept_fractions"]
+    return {**{f"kept_fraction_{i:02d}": f for i, f in enumerate(fractions)},
+            "kept_fraction_min": min(fractions, default=1.0)}
 
 
 def _read_masks(path: str) -> list[torch.Tensor]:
@@ -311,9 +319,10 @@ def _trainer(cfg, model, stage: str, tracker, state, train_loader, val_loader, w
 def _training_metrics(cfg, stage: str, rows: list[dict], t0: float, **extra) -> dict:
     final = rows[-1] if rows else {}
     task = {f"final_{k}": final.get(k) for k in TASK_METRICS.get(cfg["task"], ())}
+    from pas.machine import machine_record
     return {"stage": stage, "backbone": cfg["backbone"], "epochs": cfg["epochs"], **extra, **task,
             "final_top1": final.get("top1"), "final_top5": final.get("top5"),
-            "wall_seconds": time.perf_counter() - t0, "history": rows}
+            "wall_seconds": time.perf_counter() - t0, "machine": machine_record(), "history": rows}
 
 
 def _finish_training(tracker, out_weights, model, metrics_path, metrics, state_path, artifacts=()):
@@ -376,6 +385,8 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     _load_weights(model, weights)
     net = _searched(model)
     s = cfg["search"]
+    from pas.search import resolve_budget  # a target the floor or the widths cannot reach: refused before any run
+    resolve_budget(s["target"], net.arch, s["min_channels"], s["channel_multiple"], s["latency_table"], s["floor"])
     tracker = _tracker(cfg, "search", world, out_metrics, info, weights_in=weights, weights_out=out_weights)
     t0 = time.perf_counter()
     state = _state_path(out_weights)
@@ -390,6 +401,8 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
                         optim=OptimConfig(**cfg["optim"]), alpha=s["alpha"], min_channels=s["min_channels"],
                         tolerance=s["tolerance"], channel_multiple=s["channel_multiple"],
                         penalty_gradient=s["penalty_gradient"], latency_table=s["latency_table"],
+                        objective=s["objective"], floor=s["floor"], gain=s["gain"],
+                        multiplier_lr=s["multiplier_lr"], ramp=s["ramp"],
                         history_every=s["history_every"], val_loader=val_loader,
                         seed=cfg["seed"], state_path=state, fingerprint=_fingerprint(cfg, weights, *_data_inputs(cfg)),
                         world=world, progress=_progress(cfg), trainer=_trainer_class(cfg, model),
@@ -397,10 +410,11 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
     wall = time.perf_counter() - t0
     if not world.main:
         return {}
+    from pas.machine import machine_record
     landing = result.landing.record()
     record = _masks_record(net.arch, result.masks, **result.budget.record(),
-                           searched_macs=result.searched_macs, method="pas",
-                           channel_multiple=s["channel_multiple"], **landing)
+                           searched_macs=result.searched_macs, method="pas", objective=s["objective"],
+                           floor=s["floor"], channel_multiple=s["channel_multiple"], **landing)
     _warn_if_unconverged(result.landing)
     atomic_write_json(out_masks, record)
     atomic_write_json(out_history, {"layers": len(result.masks), "full_widths": net.arch.searchable_widths(),
@@ -411,10 +425,12 @@ def search(cfg: dict, *, weights: str, out_weights: str, out_masks: str, out_his
                "target_macs": result.target_macs, "macs": result.macs, "searched_macs": result.searched_macs,
                **{k: record[k] for k in ("target_latency_ms", "predicted_latency_ms", "latency_table_batch")
                   if k in record},
-               "widths": record["widths"], "final_top1": final.get("top1"), "final_top5": final.get("top5"),
-               "wall_seconds": wall, "history": result.metrics}
+               "widths": record["widths"], "kept_fractions": record["kept_fractions"],
+               "final_top1": final.get("top1"), "final_top5": final.get("top5"),
+               "wall_seconds": wall, "machine": machine_record(), "history": result.metrics}
     # the final (target-adjusted) widths, as the last point of each kept_NN curve
     tracker.metrics({f"kept_{i:02d}": w for i, w in enumerate(record["widths"])}, step=cfg["epochs"] + 1)
+    tracker.metrics(_fraction_metrics(record), step=cfg["epochs"] + 1)
     # target_latency_ms goes with the run's other final values (_finish_training)
     tracker.metrics({**landing, **{k: record[k] for k in ("latency_table_batch",) if k in record}},
                     step=cfg["epochs"] + 1)
@@ -454,16 +470,18 @@ def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:
         atomic_write_json(out_masks, record)
         return record
     _load_weights(model, weights)
-    budget = resolve_budget(s["target"], net.arch, s["min_channels"], s["channel_multiple"], s["latency_table"])
+    budget = resolve_budget(s["target"], net.arch, s["min_channels"], s["channel_multiple"], s["latency_table"],
+                            s["floor"])
     landing = run_pruner(s["method"], net, budget.target, channel_multiple=s["channel_multiple"],
-                         tolerance=s["tolerance"], min_channels=s["min_channels"], cost=budget.cost(net.arch))
-    record = _masks_record(net.arch, landing.masks, **budget.record(), method=s["method"],
+                         tolerance=s["tolerance"], min_channels=s["min_channels"], floor=s["floor"],
+                         cost=budget.cost(net.arch))
+    record = _masks_record(net.arch, landing.masks, **budget.record(), method=s["method"], floor=s["floor"],
                            channel_multiple=s["channel_multiple"], **landing.record())
     tracker = _tracker(cfg, "prune", world, out_masks, weights_in=weights)  # a store that fails, fails before any output
     atomic_write_json(out_masks, record)
     targets = {k: v for k, v in budget.record().items()
                if k in ("target_macs", "target_latency_ms", "latency_table_batch") and v is not None}
-    tracker.metrics({**targets, "macs": record["macs"],
+    tracker.metrics({**targets, "macs": record["macs"], **_fraction_metrics(record),
                      **{k: v for k, v in landing.record().items() if v is not None}})
     tracker.artifact(out_masks)
     tracker.finish(True)

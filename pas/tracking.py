@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pas.config import SCRATCH_METHODS, flatten
 from pas.errors import PasError
+from pas.machine import machine_tags
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -88,6 +89,7 @@ class Tracker:
                 "mlflow.source.git.commit": commit, "mlflow.source.name": f"pas {stage}",
                 "mlflow.source.type": "JOB", "mlflow.user": _user(),
                 "mlflow.note.content": _note(stage, cfg)}
+        tags.update(machine_tags())  # what makes two machines' results differ (pas.machine)
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         # the record's id tags its MLflow run, here and when ingested: a record is in a store once

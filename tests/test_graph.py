@@ -261,7 +261,9 @@ def test_gates_are_shared_by_a_residual_trunk():
     gates = attach_gates(model)
     trunk = model.arch.groups()[0]  # stem and layer1 (8 -> 8, no downsample): one group
     assert trunk.producers == ["conv1", "layer1.0.conv2"]
-    assert model.bn1._pas_mask.parts[0][0] is gates[0] is model.layer1[0].bn2._pas_mask.parts[0][0]
+    # the stem's gate after its ReLU (and the identity max-pool of the small stem), the block's after
+    # the post-add call of the block's ReLU
+    assert model.maxpool._pas_mask[0].parts[0][0] is gates[0] is model.layer1[0].relu._pas_mask[1].parts[0][0]
 
 
 def test_torchvision_mobilenetv2_weights_load_into_ours(tmp_path):
@@ -309,15 +311,35 @@ def test_l1_score_of_a_trunk_sums_its_producers_with_bn_folded():
                                (model.bn1.weight.abs() + model.layer1[0].bn2.weight.abs()).detach())
 
 
+class _LinearBottleneck(nn.Module):
+    """conv -> BN -> conv with no activation between: the gate stays on the BN's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def test_a_gated_bn_equals_bn_times_mask_in_values_gradients_and_statistics():
-    """A gate on a BN output is applied as gamma*b, beta*b (no extra pass over the activations):
-    compared with the plain product BN(x) * b, in training mode."""
+    """A gate on a BN output (no activation after it) is applied as gamma*b, beta*b (no extra pass
+    over the activations): compared with the plain product BN(x) * b, in training mode."""
     import copy
-    model = M.build("resnet10_mini", **SMALL).train()
+
+    from pas.graph.network import describe
+    model = _LinearBottleneck()
+    describe(model, (1, 6, 6))
+    model.train()
     gates = attach_gates(model)
+    assert [g.size for g in model.arch.groups()] == [4, 8]
     with torch.no_grad():
         gates[1].weight.copy_(torch.tensor([1.0, 0.2, 0.9, 0.1, 0.7, 0.3, 0.8, 0.6]))
-    bn = model.layer1[0].bn1
+    bn = model.bn2
     assert type(bn).__name__ == "GatedBatchNorm2d" and isinstance(bn, nn.BatchNorm2d)
     plain = copy.deepcopy(bn)
     plain.__class__ = nn.BatchNorm2d

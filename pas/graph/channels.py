@@ -129,9 +129,29 @@ class Group:
 
 @dataclass
 class MaskPoint:
-    """A module whose output carries prunable channels: a gate multiplies them there."""
+    """Where a gate multiplies prunable channels: the output of the `call`-th of `calls` calls of
+    `module` in one forward pass.
+
+    A mask point starts at a *site* (the BN after a conv, a fused block, a depth-wise conv's BN, a
+    norm that is not folded) and moves forward along the site's only use, through a residual add of
+    the same channels, to the output of the activation that follows (`after_activation`): there a
+    removed channel still has its real activation x, so its gate hears the loss (dL/db = sum x dL/dy),
+    where before a ReLU relu'(0) = 0 would silence it. Masking later on a path that nothing else reads
+    changes no kept value, so the masked network still equals the compact one.
+
+    `grad`: the point's site opens the channels (a dense conv, a fused block, a linear layer): its
+    mask carries the gate's gradient. A point whose site only passes channels that a mask upstream
+    has already zeroed (a depth-wise conv, a norm on a concatenation) masks forward-only: the values
+    are zeroed but the gradient passes straight through, so it never cuts the gradient path of the
+    gate upstream (its own input is zero: it would have no gradient of its own to give).
+    """
     module: str
     layout: tuple[int, ...]
+    call: int = 0
+    calls: int = 1
+    grad: bool = True
+    after_activation: bool = False
+    site: str = ""
 
 
 @dataclass
@@ -216,6 +236,14 @@ class _Analysis:
         self.site_of: dict[int, str] = {}
         self.layer_of: dict[fx.Node, Layer] = {}
         self.blocks: dict[int, tuple[int, str]] = {}  # space -> (blocks, the grouped conv that set them last)
+        self.site_role: dict[str, bool] = {}  # site -> opens its channels (True) or passes masked ones
+        self.ends_in_act: set[str] = set()  # fused leaves whose output is after their activation
+        self.call_index: dict[fx.Node, int] = {}
+        seen: Counter = Counter()
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                self.call_index[n] = seen[n.target]
+                seen[n.target] += 1
 
     def where(self, node: fx.Node) -> str:
         return _where(node, self.root)
@@ -291,6 +319,8 @@ class _Analysis:
         args = [a for a in _flat(node.args, node.kwargs) if isinstance(a, fx.Node) and a in self.layout]
         if callable(getattr(module, "fuse", None)):
             conv, act = _fused_view(module)
+            if act is not None:
+                self.ends_in_act.add(name)
             self.conv(node, name, conv, args, site=name, act=act)
         elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             self.conv(node, name, module, args, site=self.site_after(node, name))
@@ -308,6 +338,7 @@ class _Analysis:
                                      bias=getattr(module, "weight", None) is not None))
             if not folded:  # a norm on a sum or a concatenation (DenseNet's pre-activation) turns a
                 self.sites.setdefault(name, lay)  # masked zero into its shift: mask after it too
+                self.site_role.setdefault(name, False)
         elif isinstance(module, nn.GroupNorm):
             lay = self.layout[args[0]]
             for s in lay:
@@ -389,6 +420,7 @@ class _Analysis:
         self.layer_of[node] = layer
         self.layout[node] = out
         self.sites.setdefault(site, out)
+        self.site_role.setdefault(site, kind != "depthwise")
         if kind != "depthwise":
             self.site_of[out[0]] = site
 
@@ -410,6 +442,7 @@ class _Analysis:
                                  act=self.activation_after(node, name)))
         self.layout[node] = out
         self.sites.setdefault(name, out)
+        self.site_role.setdefault(name, True)
 
     def flatten(self, node, src, start_dim: int) -> None:
         shape = self.shape(src)
@@ -468,6 +501,89 @@ class _Analysis:
             raise PasError(f"{_op_name(node)} {self.where(node)} has no known channel semantics; the tracer "
                            f"handles element-wise arithmetic, cat, flatten, activations and pooling")
 
+    # -- where the gates go -----------------------------------------------------------------------
+    def _groups_of(self, node: fx.Node) -> tuple[int, ...] | None:
+        lay = self.layout.get(node)
+        return None if lay is None else tuple(self.find(s) for s in lay)
+
+    def _is_activation(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.modules[node.target], _ACTIVATIONS)
+        if node.op == "call_function":
+            return node.target in _ACTIVATION_FUNCTIONS
+        return node.op == "call_method" and node.target in _ACTIVATION_METHODS
+
+    def _is_residual_add(self, node: fx.Node, source: fx.Node) -> bool:
+        """An add of tensors that carry the same channel groups as `source` (a residual sum)."""
+        is_add = node.target in (operator.add, operator.iadd, torch.add) if node.op == "call_function" else \
+            node.op == "call_method" and node.target in ("add", "add_")
+        if not is_add:
+            return False
+        tensors = [a for a in _flat(node.args, node.kwargs) if isinstance(a, fx.Node) and a in self.layout]
+        want = self._groups_of(source)
+        return len(tensors) >= 2 and all(self._groups_of(a) == want for a in tensors) and \
+            self.shape(node) == self.shape(source)
+
+    def _is_channelwise(self, node: fx.Node) -> bool:
+        """An op whose output channel c depends on its input channel c alone, laid out alike: masking
+        after it instead of before it changes no kept value."""
+        if self._is_activation(node):
+            return True
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            if callable(getattr(module, "fuse", None)) or isinstance(module, nn.Conv2d):
+                layer = self.layer_of.get(node)
+                return layer is not None and layer.kind == "depthwise"
+            return isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.InstanceNorm2d, nn.Dropout,
+                                       nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d))
+        return node.op == "call_function" and node.target in (_F.dropout, _F.dropout2d, _F.max_pool2d,
+                                                               _F.avg_pool2d, torch.clone)
+
+    def gate_position(self, site: str) -> tuple[fx.Node, bool]:
+        """The module call whose output a site's mask multiplies, and whether it is after an activation
+        (see `MaskPoint`): forward along the only use through channel-wise ops (activations, norms,
+        depth-wise convs, pooling) and residual adds of the same channels, up to the last module call
+        before the channels reach a dense layer, a concatenation or a second reader."""
+        node = next(n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == site)
+        state = site in self.ends_in_act  # whether the current value is an activation's output
+        best, after = node, state
+        current = node
+        while True:
+            users = list(current.users)
+            if len(users) != 1:
+                break
+            user = users[0]
+            if not (self._is_channelwise(user) or self._is_residual_add(user, current)):
+                break
+            if self._is_activation(user) or user.target in self.ends_in_act:
+                state = True
+            elif not (user.op == "call_module" and isinstance(self.modules[user.target], (
+                    nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d))):
+                state = False
+            if user.op == "call_module":
+                best, after = user, state
+            current = user
+        return best, after
+
+    def mask_points(self, prunable: set[int], space_group: dict[int, int]) -> list[MaskPoint]:
+        points: dict[tuple[str, int], MaskPoint] = {}
+        for site, lay in self.sites.items():
+            if not any(space_group[s] in prunable for s in lay):
+                continue
+            node, after = self.gate_position(site)
+            key = (node.target, self.call_index[node])
+            grad = self.site_role.get(site, True)
+            if key in points:  # two sites end at one activation (a residual add's two branches)
+                point = points[key]
+                if [space_group[s] for s in point.layout] != [space_group[s] for s in lay]:
+                    raise PasError(f"module {node.target} carries two channel layouts {self.where(node)}; "
+                                   f"expected one")
+                point.grad = point.grad or grad
+                continue
+            points[key] = MaskPoint(node.target, lay, call=key[1], calls=self.calls[node.target], grad=grad,
+                                    after_activation=after, site=site)
+        return list(points.values())
+
     # -- result ---------------------------------------------------------------------------------
     def set_blocks(self, group: Group) -> None:
         """The group's blocks: the lcm over its spaces. Blocks of one channel leave it no width but its full one."""
@@ -506,8 +622,7 @@ class _Analysis:
                     break
             self.set_blocks(g)
         prunable = {g.index for g in groups if g.prunable}
-        points = [MaskPoint(m, lay) for m, lay in self.sites.items()
-                  if any(space_group[s] in prunable for s in lay)]
+        points = self.mask_points(prunable, space_group)
         return ChannelGraph(self.layers, groups, space_group, dict(self.size), points, in_channels,
                             tuple(input_shape))
 
@@ -543,6 +658,7 @@ def _channel_graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGra
     meta = copy.deepcopy(model).to("meta").eval()
     for m in meta.modules():  # gates of a gated model (pas.gates): a traced graph must not see them
         m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
         if "_pas_base" in type(m).__dict__:
             m.__class__ = type(m)._pas_base
     gm = trace(meta)

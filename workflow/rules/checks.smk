@@ -95,7 +95,8 @@ def check_config(cfg):
                                                   f"to measure the latency table; expected dataset.resize")
             elif arch is not None:
                 resolve_target(v["target"], arch, cfg["search"]["min_channels"],
-                               v.get("channel_multiple", cfg["search"]["channel_multiple"]))
+                               v.get("channel_multiple", cfg["search"]["channel_multiple"]),
+                               v.get("floor", cfg["search"]["floor"]))
         except PasError as e:
             config_error(f"{key}.target", f"{v['name']} on {v['backbone']}: {e}")
     if cfg["task"] == "translation":

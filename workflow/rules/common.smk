@@ -333,7 +333,8 @@ def budget_slice(v):
 
 
 # search settings a variant may set for itself (its search; the last two for its baselines too)
-VARIANT_SEARCH_KEYS = ("alpha", "penalty_gradient", "channel_multiple", "tolerance")
+VARIANT_SEARCH_KEYS = ("alpha", "penalty_gradient", "objective", "gain", "multiplier_lr", "ramp", "floor",
+                       "channel_multiple", "tolerance")
 
 
 def variant_search(v):
@@ -345,7 +346,7 @@ def search_flags(wildcards):
     v = variants()[wildcards.model]
     s = variant_search(v)
     search = {k: s[k] for k in ("alpha", "min_channels", "tolerance", "channel_multiple", "penalty_gradient",
-                                "history_every")}
+                                "objective", "gain", "multiplier_lr", "ramp", "floor", "history_every")}
     return set_flags({**common_slice(v["backbone"], tags_for("pas", wildcards.model, wildcards.seed)),
                       **training_slice("search"), "search": {**search, **budget_slice(v)}})
 
@@ -355,7 +356,7 @@ def prune_flags(wildcards):
     s = variant_search(v)
     return set_flags({**common_slice(v["backbone"], tags_for(wildcards.method, wildcards.model, wildcards.seed)),
                       "search": {"method": wildcards.method, **budget_slice(v),
-                                 "min_channels": s["min_channels"], "tolerance": s["tolerance"],
+                                 "min_channels": s["min_channels"], "floor": s["floor"], "tolerance": s["tolerance"],
                                  "channel_multiple": s["channel_multiple"]}})
 
 
