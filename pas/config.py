@@ -74,7 +74,7 @@ SCHEMA: dict = {
                                          "gate weight)"),
         "gain": (float, 2.0, "objective constraint: the price per unit of distance to the budget"),
         "multiplier_lr": (float, 0.05, "objective constraint: the Lagrange multiplier's ascent rate per step"),
-        "ramp": (float, 0.5, "objective constraint: fraction of the search steps over which the budget falls "
+        "ramp": (float, 0.9, "objective constraint: fraction of the search steps over which the budget falls "
                              "from the full network's cost to the target (cubic schedule); 0: at once"),
         "tolerance": (float, 0.01, "allowed relative distance of the final MACs to the target"),
         "channel_multiple": (int, 1, "every searched width a multiple of it (8 or 16: hardware channel blocks)"),

@@ -207,7 +207,8 @@ def _tracker(cfg, stage: str, world, primary_output: str, info=None, *, weights_
 
 
 def _masks_record(arch, masks, **extra) -> dict:
-    return {"family": arch.family, "backbone": arch.backbone, "groups": arch.group_names(),
+    return {"family": arch.family, "backbone": arch.backbone, "in_channels": arch.in_channels,
+            "num_classes": arch.num_classes, "resolution": arch.resolution, "groups": arch.group_names(),
             "widths": [int(m.sum()) for m in masks],
             "kept_fractions": [round(int(m.sum()) / len(m), 6) for m in masks],
             "full_widths": arch.searchable_widths(), "layer_sizes": arch.searchable_sizes(),
