@@ -1,4 +1,9 @@
-"""The search objective and the MACs target: CE + alpha * ((MACs - target) / MACs_full)^2.
+"""The search objective and the MACs target.
+
+Two objectives. `constraint` (the default, `BudgetConstraint`): the task loss plus a price per
+channel by what it costs, set by a controller on the distance to a budget that ramps down to the
+target; the landing ranks channels by their accumulated task-loss importance per cost. `paper`:
+CE + alpha * ((MACs - target) / MACs_full)^2, the paper's penalty, the landing by gate weight.
 
 The paper writes alpha * (MACs - target)^2 with MACs in GMACs and alpha = 0.1 on RepVGG-B1
 (11.8 GMACs). Dividing by the full network's MACs makes alpha scale-free:
@@ -32,8 +37,10 @@ upwards, and one channel is a coarse step in a small network). After the search,
 moves the fewest channels, those whose gate weights lie nearest the 0.5 threshold, until the
 compact network's MACs are at most the target and within the tolerance (default 1%) of it. Those
 channels are the ones the search itself was least sure about, so the change is the smallest one
-that honours the budget, and it is deterministic. What it moved is recorded (`SearchResult.landing`):
-a large move means the search had not converged.
+that honours the budget, and it is deterministic. With the `constraint` objective the channels are
+ranked by importance per cost instead (`importance_per_cost`): the search ends on its budget, and
+the few channels the landing moves are the ones that buy the least loss per MAC. What it moved is
+recorded (`SearchResult.landing`): a large move means the search had not converged.
 """
 from __future__ import annotations
 

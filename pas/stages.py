@@ -447,7 +447,7 @@ def _warn_if_unconverged(landing) -> None:
     if landing.moved_macs_share is not None and landing.moved_macs_share > UNCONVERGED_SHARE:
         print(f"[search] warning: the landing moved {landing.moved_macs_share:.1%} of the full network's MACs "
               f"({landing.macs_before} -> {landing.macs}, {landing.moved_channels} channels): the search did not "
-              f"converge: more steps or a larger alpha", file=sys.stderr, flush=True)
+              f"converge: more steps, or a larger search.gain (objective constraint) or alpha (paper)", file=sys.stderr, flush=True)
 
 
 def prune(cfg: dict, *, weights: str | None, out_masks: str) -> dict:

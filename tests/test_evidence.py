@@ -307,6 +307,24 @@ def test_penalty_gradient_comparison_pairs_each_variant_with_its_output_partner(
     assert "All targets pooled (3 pairs): output − both +1.00 [-1.48, +3.48] within noise" in capsys.readouterr().out
 
 
+def test_objective_comparison_pairs_each_variant_with_its_paper_partner(tmp_path, capsys):
+    """benchmarks/objective.py on a table of config/objective.yaml's shape: paper minus constraint
+    paired by seed; hand-computed interval."""
+    from benchmarks.objective import main
+    rows = []
+    # constraint 92, 93, 94; paper 90, 92, 94 (differences -2, -1, 0)
+    for s, (constraint, paper) in enumerate([(92, 90), (93, 92), (94, 94)]):
+        rows += [{"model": "PaS-light-A", "method": "pas", "seed": s, "top1": constraint, "landing_moved_share": 0.002},
+                 {"model": "PaS-light-A-paper", "method": "pas", "seed": s, "top1": paper, "landing_moved_share": 0.1},
+                 {"model": "uniform@PaS-light-A", "method": "uniform", "seed": s, "top1": 88}]
+    path = tmp_path / "main.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    (row,) = main([str(path)]).to_dict("records")
+    # mean -1, std 1: -1 -+ 4.303 / sqrt(3) = [-3.48, +1.48]
+    assert row["paper − constraint (95%)"] == "-1.00 [-3.48, +1.48] within noise"
+    assert row["landing moved % (constraint / paper)"] == "0.2 / 10.0"
+
+
 def test_rounding_cost_pairs_each_variant_with_its_x8_partner(tmp_path, capsys):
     """benchmarks/rounding_cost.py on a table of config/aligned.yaml's shape: x8 minus x1 paired by
     seed, the MACs each landed on; hand-computed interval."""

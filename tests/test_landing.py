@@ -182,6 +182,7 @@ def test_a_landing_that_moved_more_than_5_percent_is_a_warning(capsys):
     from pas.stages import _warn_if_unconverged
     _warn_if_unconverged(Landing([], 9824, 15000, 6, 0.2639))
     assert capsys.readouterr().err == ("[search] warning: the landing moved 26.4% of the full network's MACs (15000 -> "
-                                       "9824, 6 channels): the search did not converge: more steps or a larger alpha\n")
+                                       "9824, 6 channels): the search did not converge: more steps, or a larger search.gain "
+                                       "(objective constraint) or alpha (paper)\n")
     _warn_if_unconverged(Landing([], 9824, 10500, 2, 0.0345))
     assert capsys.readouterr().err == ""

@@ -48,3 +48,9 @@ def test_two_searches_give_bit_identical_weights_and_record_the_machine(tmp_path
     assert masks["objective"] == "constraint" and masks["floor"] == 0.1
     assert masks["kept_fractions"] == [round(w / f, 6) for w, f in zip(masks["widths"], masks["full_widths"])]
     assert min(masks["kept_fractions"]) >= 0.1
+    # the run record MLflow gets (directly, or ingested from it): the machine's tags, the fractions
+    record = json.loads((runs[0] / "metrics.run.json").read_text())
+    assert record["tags"]["machine.cpu_capability"] == machine["cpu_capability"]
+    logged = {k: v for row in record["metrics"] for k, v in row["values"].items()}
+    assert logged["kept_fraction_min"] == min(masks["kept_fractions"])
+    assert [logged[f"kept_fraction_{i:02d}"] for i in range(len(masks["widths"]))] == masks["kept_fractions"]

@@ -484,6 +484,22 @@ def test_penalty_config_searches_each_variant_with_both_gradients_and_one_baseli
     assert len(prunes) == 6 * 3
 
 
+def test_objective_config_searches_each_variant_with_both_objectives(tmp_path):
+    """config/objective.yaml: every default variant twice (objective constraint and, as NAME-paper,
+    paper), the baselines only for the constraint ones, three seeds."""
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(DEFAULT), str(ROOT / "config" / "objective.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    shells = shell_lines(result)
+    searches = [line for line in shells if line.startswith("pas search")]
+    assert len(searches) == 12 * 3
+    for line in searches:
+        (variant,) = re.findall(r"variant: ([\w.-]+)\}", line)
+        expected = "paper" if variant.endswith("-paper") else "constraint"
+        assert f"--set search.objective={expected} " in line and "--set search.floor=0.1 " in line, line
+    prunes = re.findall(r"variant: (\w+@[\w.-]+)\}", "\n".join(l for l in shells if l.startswith("pas prune")))
+    assert len(prunes) == 3 * 6 * 3 and not any(p.endswith("-paper") for p in prunes)
+
+
 def test_aligned_config_searches_each_variant_at_its_own_channel_multiple(tmp_path):
     """config/aligned.yaml: every default variant twice (channel_multiple 1 and, as NAME-x8, 8 with a
     2% tolerance), three seeds; a variant's own channel_multiple and tolerance reach its baselines."""
