@@ -346,9 +346,10 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
 
     def record(epoch, step, macs):
         n = len(trainer.history)
-        if step % history_every == 0:
+        if step % history_every == 0:  # the widths after the step, and the MACs of those widths
+            kept = kept_widths(model)
             trainer.history.append({"epoch": epoch + 1, "step": step, "record": n,
-                                    "macs": int(round(float(macs.detach()))), "kept": kept_widths(model),
+                                    "macs": int(arch.macs(rule.nearest(kept))), "kept": kept,
                                     "multiplier": float(getattr(model, GATES_ATTR).multiplier)})
 
     trainer.on_step = record

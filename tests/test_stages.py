@@ -261,7 +261,8 @@ def test_search_and_prune_to_a_latency_budget(chain, tmp_path):
         cwd=tmp_path)
     table = LatencyTable.load(tmp_path / "t.json")
     full = oracle(table, arch().full_widths(), 1, 10)
-    target = (full + oracle(table, WidthRule(arch()).minimum(), 1, 10)) / 2
+    # the narrowest widths the search may take: every group at its floor (search.floor, default 0.1)
+    target = (full + oracle(table, WidthRule(arch(), floor=0.1).minimum(), 1, 10)) / 2
     budget = ["--set", f"search.target={target:.6f}ms", "--set", f"search.latency_table={tmp_path / 't.json'}",
               "--set", "search.tolerance=0.02"]
     pas("search", "--config", chain / "cfg.yaml", *budget, "--set", "epochs=1", "--weights", chain / "pre/w.pt",
