@@ -46,7 +46,7 @@ def table(results: Path) -> pd.DataFrame:
     rows = [_row(p, "pas") for p in sorted(results.glob("seed*/models/pas/*/search/masks.json"))]
     for p in sorted(results.glob("seed*/models/*/*/masks.json")):
         method = p.parent.parent.name
-        if method not in ("pas", "full"):
+        if method not in ("pas", "full", "scratch", "scratch_long"):
             rows.append(_row(p, method))
     return pd.DataFrame(rows)
 
