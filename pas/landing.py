@@ -294,12 +294,17 @@ def _fill(measure, layers: list[_Layer], target, macs):
     return macs
 
 
+def _steps(layers: list[_Layer]) -> tuple[dict, dict]:
+    """Every layer's next step up and next step down ({layer: (mean score, channels)}), where it has one."""
+    return ({i: step for i, layer in enumerate(layers) if (step := layer.up())},
+            {i: step for i, layer in enumerate(layers) if (step := layer.down())})
+
+
 def _swap_three(measure, layers: list[_Layer], target, tolerance: float) -> bool:
     """Step 5, when 4 could not land: one layer's step up for two other layers' steps down, the triple
     that lands within the tolerance with the best score gain (coarse steps, channel_multiple > 1, can
     leave every pair short of the target and every single step over it). False when none lands."""
-    ups = {i: step for i, layer in enumerate(layers) if (step := layer.up())}
-    downs = {i: step for i, layer in enumerate(layers) if (step := layer.down())}
+    ups, downs = _steps(layers)
     best, best_gain = None, None
     for a, (score_in, channels_in) in ups.items():
         for b, (score_b, channels_b) in downs.items():
@@ -331,8 +336,7 @@ def _swap(measure, layers: list[_Layer], target, macs, tolerance: float) -> bool
     """Step 4: one layer's step up for another's step down, the pair that raises the MACs the most
     without passing the target; among the pairs that land within the tolerance, the best score gain.
     False when no pair raises the MACs."""
-    ups = {i: step for i, layer in enumerate(layers) if (step := layer.up())}
-    downs = {i: step for i, layer in enumerate(layers) if (step := layer.down())}
+    ups, downs = _steps(layers)
     best, best_key = None, None
     for a, (score_in, channels_in) in ups.items():
         for b, (score_out, channels_out) in downs.items():

@@ -83,7 +83,7 @@ class Budget:
     target: float
     full: float
     table: object = None  # pas.latency_table.LatencyTable for a latency budget
-    lowest: float = 0.0  # a latency budget: the predicted latency at the narrowest widths
+    lowest: float = 0.0  # the cost at the narrowest allowed widths (MACs, or the predicted latency)
 
     @property
     def latency(self) -> bool:
@@ -109,7 +109,8 @@ def resolve_budget(target, arch: Network, min_channels: int = 1, channel_multipl
     """A MACs budget (`resolve_target`), or a latency budget for a time target with a latency table."""
     latency = latency_target(target)
     if latency is None:
-        return Budget(resolve_target(target, arch, min_channels, channel_multiple, floor), int(arch.macs()))
+        return Budget(resolve_target(target, arch, min_channels, channel_multiple, floor), int(arch.macs()),
+                      lowest=minimum_macs(arch, min_channels, channel_multiple, floor))
     if latency_table is None:
         raise PasError(f"target {target!r} is a latency; expected search.latency_table (a table from pas "
                        f"latency-table) to predict it, or a MACs target")
@@ -248,11 +249,10 @@ class BudgetConstraint(nn.Module):
     (`pas.gates.GateSet`) and resume with them.
     """
 
-    def __init__(self, measure, budget: Budget, *, unit: float, lowest: float, gain: float,
-                 multiplier_lr: float, band: float, ramp_steps: int):
+    def __init__(self, measure, budget: Budget, *, unit: float, gain: float, multiplier_lr: float, band: float,
+                 ramp_steps: int):
         super().__init__()
-        self.measure, self.budget = measure, budget
-        self.unit, self.lowest = float(unit), float(lowest)
+        self.measure, self.budget, self.unit = measure, budget, float(unit)
         self.gain, self.multiplier_lr, self.band, self.ramp_steps = float(gain), float(multiplier_lr), band, ramp_steps
 
     def budget_at(self, step: torch.Tensor) -> torch.Tensor:
@@ -267,7 +267,7 @@ class BudgetConstraint(nn.Module):
         gates = getattr(model, GATES_ATTR)
         budget = self.budget_at(gates.steps)
         excess = cost.double() - budget
-        d = excess.detach() / (float(self.budget.full) - self.lowest)
+        d = excess.detach() / (float(self.budget.full) - float(self.budget.lowest))
         if torch.is_grad_enabled():  # a training step (tensor ops only: no host synchronisation)
             with torch.no_grad():
                 gates.steps += 1
@@ -333,9 +333,8 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
     if objective == "constraint":
         full = arch.full_widths()
         unit = sum(f * c for f, c in zip(full, marginal_costs(arch, budget, full))) / sum(full)
-        lowest = budget.lowest if budget.latency else minimum_macs(arch, min_channels, channel_multiple, floor)
-        band = tolerance * budget.target / (budget.full - lowest)
-        penalty = BudgetConstraint(quadratic.measure, budget, unit=unit, lowest=lowest, gain=gain,
+        band = tolerance * budget.target / (budget.full - budget.lowest)
+        penalty = BudgetConstraint(quadratic.measure, budget, unit=unit, gain=gain,
                                    multiplier_lr=multiplier_lr, band=band,
                                    ramp_steps=int(ramp * epochs * _steps_per_epoch(train_loader)))
     make = trainer or (lambda **kw: Trainer(model, **kw))

@@ -196,7 +196,7 @@ def test_the_constraint_prices_every_channel_by_its_cost_and_learns_its_multipli
     target = full // 2
     budget = Budget(target, full)
     unit = 1234.5
-    constraint = BudgetConstraint(MacsPenalty(model.arch, target).measure, budget, unit=unit, lowest=0.0,
+    constraint = BudgetConstraint(MacsPenalty(model.arch, target).measure, budget, unit=unit,
                                   gain=2.0, multiplier_lr=0.5, band=0.01, ramp_steps=0)
     loss, macs = constraint(model)
     d = (full - target) / full  # every gate on: the full network's MACs
@@ -213,7 +213,7 @@ def test_the_constraint_prices_every_channel_by_its_cost_and_learns_its_multipli
         constraint(model)  # an evaluation pass moves neither the multiplier nor the step count
     assert float(model.pas_gates.multiplier) == pytest.approx(0.5 * d) and float(model.pas_gates.steps) == 1
     inside = BudgetConstraint(MacsPenalty(model.arch, int(full / 1.005)).measure, Budget(int(full / 1.005), full),
-                              unit=unit, lowest=0.0, gain=2.0, multiplier_lr=0.5, band=0.01, ramp_steps=0)
+                              unit=unit, gain=2.0, multiplier_lr=0.5, band=0.01, ramp_steps=0)
     inside(model)  # 0.5% over the budget, inside the 1% band: the multiplier holds
     assert float(model.pas_gates.multiplier) == pytest.approx(0.5 * d)
 
@@ -222,7 +222,7 @@ def test_the_budget_ramps_down_on_a_cubic_schedule():
     model = M.build("repvgg_b0_mini", **SMALL)
     full = int(model.arch.macs())
     budget = Budget(full // 4, full)
-    ramp = BudgetConstraint(None, budget, unit=1.0, lowest=0.0, gain=1.0, multiplier_lr=0.0, band=0.0,
+    ramp = BudgetConstraint(None, budget, unit=1.0, gain=1.0, multiplier_lr=0.0, band=0.0,
                             ramp_steps=10)
     at = [float(ramp.budget_at(torch.tensor(float(step), dtype=torch.float64))) for step in (0, 5, 10, 20)]
     drop = full - full // 4

@@ -238,12 +238,15 @@ class _Analysis:
         self.blocks: dict[int, tuple[int, str]] = {}  # space -> (blocks, the grouped conv that set them last)
         self.site_role: dict[str, bool] = {}  # site -> opens its channels (True) or passes masked ones
         self.ends_in_act: set[str] = set()  # fused leaves whose output is after their activation
-        self.call_index: dict[fx.Node, int] = {}
+        self.call_index: dict[fx.Node, int] = {}  # a module call's place among that module's calls
+        self.first_call: dict[str, fx.Node] = {}
         seen: Counter = Counter()
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 self.call_index[n] = seen[n.target]
                 seen[n.target] += 1
+                self.first_call.setdefault(n.target, n)
+
 
     def where(self, node: fx.Node) -> str:
         return _where(node, self.root)
@@ -544,7 +547,7 @@ class _Analysis:
         (see `MaskPoint`): forward along the only use through channel-wise ops (activations, norms,
         depth-wise convs, pooling) and residual adds of the same channels, up to the last module call
         before the channels reach a dense layer, a concatenation or a second reader."""
-        node = next(n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == site)
+        node = self.first_call[site]
         state = site in self.ends_in_act  # whether the current value is an activation's output
         best, after = node, state
         current = node
