@@ -333,6 +333,8 @@ def search(model: nn.Module, train_loader, *, target, example_input: torch.Tenso
     if objective == "constraint":
         full = arch.full_widths()
         unit = sum(f * c for f, c in zip(full, marginal_costs(arch, budget, full))) / sum(full)
+        if not unit > 0:  # a latency table flat at full width (a tiny network): the mean slope over the range
+            unit = (budget.full - budget.lowest) / (sum(full) - sum(rule.minimum()))
         band = tolerance * budget.target / (budget.full - budget.lowest)
         penalty = BudgetConstraint(quadratic.measure, budget, unit=unit, gain=gain,
                                    multiplier_lr=multiplier_lr, band=band,

@@ -272,3 +272,27 @@ def test_the_default_objective_lands_by_importance_per_cost_and_the_paper_form_b
     assert all((imp > 0).all() for imp in seen["importance"])  # every channel heard the loss
     for score, imp, cost in zip(seen["scores"], seen["importance"], costs):
         torch.testing.assert_close(score, imp / cost)
+
+
+def test_a_cost_flat_at_full_width_still_prices_the_channels(monkeypatch):
+    """A latency table of a tiny network can be flat at full width (every marginal cost 0, measured
+    on this machine under load): the constraint then prices a channel by the mean slope over the
+    range, where a zero unit made the first step's loss nan."""
+    import pas.search as S
+    monkeypatch.setattr(S, "marginal_costs", lambda arch, budget, widths: [0.0] * len(widths))
+    torch.manual_seed(0)
+    model = M.build("repvgg_b0_mini", **SMALL)
+    batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)]
+    seen = {}
+    real = S.BudgetConstraint.__init__
+
+    def spy(self, *args, **kw):
+        seen["unit"] = kw["unit"]
+        real(self, *args, **kw)
+
+    monkeypatch.setattr(S.BudgetConstraint, "__init__", spy)
+    result = search(model, batches, target="60%", epochs=1)
+    budget = result.budget
+    span = sum(model.arch.full_widths()) - sum(WidthRule(model.arch).minimum())
+    assert seen["unit"] == pytest.approx((budget.full - budget.lowest) / span)
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.metrics)
